@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from ldm.schedule import ScheduleConfig
+from safetensors.torch import save_file
 
 from autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.schedule import ScheduleConfig
 from ldm.unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
@@ -157,9 +157,9 @@ def load_single_file(path: Path, prediction_type: str | None = None) -> Componen
     from text_encoder import ClipTextEncoder
 
     state = load_weights_file(path)
-    configs = infer_configs(state)
-    parts = original_to_diffusers(state)
     prediction_type = prediction_type or _prediction_type_from_sidecar(path) or "epsilon"
+    configs = infer_configs(state, prediction_type)
+    parts = original_to_diffusers(state)
     schedule = ScheduleConfig(prediction_type=prediction_type)
     unet = _build(UNet, UNetConfig.from_diffusers(configs["unet"]), parts["unet"])
     vae = _build(AutoencoderKL, AutoencoderConfig.from_diffusers(configs["vae"]), parts["vae"])
