@@ -1,0 +1,26 @@
+"""Text encoders with one interface: prompts -> TextEmbedding(context, pooled, mask).
+
+transformers and open_clip are imported only when an encoder is built or loaded.
+"""
+
+from .base import TextEmbedding, TextEncoder, encode_prompt
+from .clip import ClipTextEncoder
+from .openclip import OpenClipTextEncoder, clip_text_to_open_clip, open_clip_to_clip_text
+from .t5 import T5TextEncoder
+from .tokenizer import load_clip_tokenizer, offline_clip_tokenizer, write_clip_tokenizer
+from .weighting import parse_prompt_weights
+
+__all__ = [
+    "ClipTextEncoder",
+    "OpenClipTextEncoder",
+    "T5TextEncoder",
+    "TextEmbedding",
+    "TextEncoder",
+    "clip_text_to_open_clip",
+    "encode_prompt",
+    "load_clip_tokenizer",
+    "offline_clip_tokenizer",
+    "open_clip_to_clip_text",
+    "parse_prompt_weights",
+    "write_clip_tokenizer",
+]
