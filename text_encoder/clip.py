@@ -1,4 +1,4 @@
-"""CLIP text encoder through transformers (CLIPTextModel + CLIPTokenizer), as in SD 1.x / 2.x.
+"""CLIP text encoder (SD 1.x / 2.x): our torch CLIP text model, or transformers' CLIPTextModel.
 
 context = the last hidden state after final_layer_norm, (B, 77, D); with clip_skip = k the hidden
 state k layers before the last, passed through final_layer_norm, as SD tooling does:
@@ -9,6 +9,12 @@ state k layers before the last, passed through final_layer_norm, as SD tooling d
 which is diffusers' `hidden_states[-(clip_skip + 1)]` followed by final_layer_norm. (A1111's
 "Clip skip" setting counts from 1, so its 2 is our 1.) `pooled` is transformers' pooler_output:
 the final layer's state at the first EOS token, whatever clip_skip is.
+
+Two backends with the same outputs (bitwise on CPU float32, see tests/test_clip_model.py):
+- "torch" (the default for loading): `clip_model.ClipTextModel` + `bpe.ClipBpeTokenizer`,
+  which never import transformers (importing it takes seconds; `ldm generate` must not).
+- "transformers": transformers' CLIPTextModel + CLIPTokenizer.
+The encoder takes any mix of the two models and two tokenizers.
 
 Folder layout read and written (diffusers): <folder>/text_encoder/{config.json,model.safetensors}
 and <folder>/tokenizer/. A folder without tokenizer files gets the offline CLIP tokenizer.
@@ -23,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import TextEncoder
+from .bpe import ClipBpeTokenizer
+from .clip_model import ClipTextModel
 from .tokenizer import (
     has_tokenizer_files,
     load_clip_tokenizer,
@@ -34,6 +42,8 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "transformers")
 
 # Key prefix of diffusers folders and original transformers 4.x checkpoints. transformers 5
 # dropped the `text_model` wrapper (keys without prefix) but still loads prefixed files.
@@ -62,10 +72,14 @@ def text_transformer(model: torch.nn.Module) -> torch.nn.Module:
 class ClipTextEncoder(TextEncoder):
     """CLIP text model with its tokenizer; context (B, 77, D), pooled (B, D)."""
 
-    def __init__(self, model: CLIPTextModel, tokenizer: CLIPTokenizer | None = None):
+    def __init__(
+        self,
+        model: ClipTextModel | CLIPTextModel,
+        tokenizer: ClipBpeTokenizer | CLIPTokenizer | None = None,
+    ):
         config = model.config
-        if tokenizer is None:
-            tokenizer = offline_clip_tokenizer(config.max_position_embeddings)
+        if tokenizer is None:  # the offline tokenizer of the model's backend
+            tokenizer = offline_tokenizer(model, config.max_position_embeddings)
         self.model = model
         self.tokenizer = tokenizer
         # Tokenizers saved without tokenizer_config.json report a huge model_max_length.
@@ -80,6 +94,11 @@ class ClipTextEncoder(TextEncoder):
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
+    @property
+    def architecture(self) -> str:
+        """The model's class name in diffusers' model_index.json ("CLIPTextModel")."""
+        return getattr(self.model, "architecture", type(self.model).__name__)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -87,23 +106,36 @@ class ClipTextEncoder(TextEncoder):
         subfolder_model: str = "text_encoder",
         subfolder_tokenizer: str = "tokenizer",
         torch_dtype: torch.dtype | None = None,
+        backend: str = "torch",
     ) -> ClipTextEncoder:
-        """Load from a diffusers pipeline folder (local); offline tokenizer if it has none."""
-        from transformers import CLIPTextModel
+        """Load from a diffusers pipeline folder (local); offline tokenizer if it has none.
 
+        Args:
+            folder: the pipeline folder holding `subfolder_model` and `subfolder_tokenizer`.
+            torch_dtype: the weights' dtype; None keeps config.json's (else the stored one).
+            backend: "torch" (ClipTextModel + ClipBpeTokenizer; does not import transformers)
+                or "transformers" (CLIPTextModel + CLIPTokenizer).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         folder = Path(folder)
         model_dir = folder / subfolder_model
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"no text encoder at {model_dir} (config.json is missing)")
-        dtype = {} if torch_dtype is None else {"dtype": torch_dtype}
-        model = CLIPTextModel.from_pretrained(model_dir, **dtype).eval()
-        tokenizer_dir = folder / subfolder_tokenizer
-        if has_tokenizer_files(tokenizer_dir):
-            tokenizer = load_clip_tokenizer(tokenizer_dir)
+        if backend == "torch":
+            model = ClipTextModel.from_pretrained(model_dir, dtype=torch_dtype)
         else:
+            from transformers import CLIPTextModel
+
+            dtype = {} if torch_dtype is None else {"dtype": torch_dtype}
+            model = CLIPTextModel.from_pretrained(model_dir, **dtype).eval()
+        tokenizer_dir = folder / subfolder_tokenizer
+        if not has_tokenizer_files(tokenizer_dir):
             logger.info("no tokenizer files in %s: using the offline CLIP tokenizer", tokenizer_dir)
-            tokenizer = offline_clip_tokenizer(model.config.max_position_embeddings)
-        return cls(model, tokenizer)
+            return cls(model)
+        if backend == "torch":
+            return cls(model, ClipBpeTokenizer.from_pretrained(tokenizer_dir))
+        return cls(model, load_clip_tokenizer(tokenizer_dir))
 
     def save_pretrained(
         self,
@@ -112,20 +144,16 @@ class ClipTextEncoder(TextEncoder):
         subfolder_tokenizer: str = "tokenizer",
     ) -> None:
         """Write <folder>/text_encoder and <folder>/tokenizer in the diffusers layout."""
-        from safetensors.torch import save_file
-
         model_dir = Path(folder) / subfolder_model
-        model_dir.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(model_dir)
-        # Keys in the `text_model.` layout of every diffusers folder, which transformers 4 and 5
-        # both load (transformers 5 alone would write them unprefixed, unreadable by 4.x).
-        state = {
-            LEGACY_PREFIX + key.removeprefix(LEGACY_PREFIX): value.detach().contiguous()
-            for key, value in self.model.state_dict().items()
-            if not key.endswith("position_ids")
-        }
-        save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
-        save_clip_tokenizer(self.tokenizer, Path(folder) / subfolder_tokenizer)
+        if isinstance(self.model, ClipTextModel):
+            self.model.save_pretrained(model_dir)
+        else:
+            save_transformers_model(self.model, model_dir)
+        tokenizer_dir = Path(folder) / subfolder_tokenizer
+        if isinstance(self.tokenizer, ClipBpeTokenizer):
+            self.tokenizer.save_pretrained(tokenizer_dir)
+        else:
+            save_clip_tokenizer(self.tokenizer, tokenizer_dir)
 
     def forward_ids(
         self, ids: torch.Tensor, mask: torch.Tensor, clip_skip: int | None
@@ -141,3 +169,26 @@ class ClipTextEncoder(TextEncoder):
         out = self.model(ids, attention_mask=attention_mask, output_hidden_states=True)
         hidden = out.hidden_states[-(skip + 1)]
         return text_transformer(self.model).final_layer_norm(hidden), out.pooler_output
+
+
+def offline_tokenizer(model: torch.nn.Module, max_length: int) -> ClipBpeTokenizer | CLIPTokenizer:
+    """OpenAI CLIP's tokenizer built offline: ours for our model, transformers' for theirs."""
+    if isinstance(model, ClipTextModel):
+        return ClipBpeTokenizer.offline(max_length)
+    return offline_clip_tokenizer(max_length)
+
+
+def save_transformers_model(model: CLIPTextModel, model_dir: Path) -> None:
+    """config.json + model.safetensors of a transformers CLIPTextModel, keys `text_model.*`."""
+    from safetensors.torch import save_file
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(model_dir)
+    # Keys in the `text_model.` layout of every diffusers folder, which transformers 4 and 5
+    # both load (transformers 5 alone would write them unprefixed, unreadable by 4.x).
+    state = {
+        LEGACY_PREFIX + key.removeprefix(LEGACY_PREFIX): value.detach().contiguous()
+        for key, value in model.state_dict().items()
+        if not key.endswith("position_ids")
+    }
+    save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})

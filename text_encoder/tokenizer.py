@@ -8,11 +8,11 @@ OpenAI's CLIP tokenizer is a byte-level BPE over 49408 symbols:
     id 49406          <|startoftext|>
     id 49407          <|endoftext|>
 
-open_clip ships the merge rules as `bpe_simple_vocab_16e6.txt.gz`; this module rebuilds
-`vocab.json` + `merges.txt` from it and constructs a transformers `CLIPTokenizer`, so a model
-folder without tokenizer files (the embedded default model) still gets OpenAI's token ids
-with no network. `write_clip_tokenizer` writes the same tokenizer as a standard `tokenizer/`
-folder that transformers and diffusers load.
+open_clip ships the merge rules as `bpe_simple_vocab_16e6.txt.gz`; `text_encoder.bpe` reads
+them (and tokenizes without transformers); this module builds a transformers `CLIPTokenizer`
+from them, so a folder without tokenizer files still gets OpenAI's ids with no network.
+`write_clip_tokenizer` writes the same tokenizer as a standard `tokenizer/` folder that
+transformers and diffusers load.
 
 One known difference from OpenAI's reference code: it runs `ftfy.fix_text` and unescapes HTML
 entities before tokenizing, while transformers' CLIPTokenizer applies NFC normalisation only.
@@ -22,58 +22,30 @@ literal entities such as "&amp;", exactly as diffusers' own tokenizer does.
 
 from __future__ import annotations
 
-import gzip
-import importlib.resources
 import json
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .bpe import (
+    EOS_TOKEN,
+    byte_to_unicode,  # noqa: F401  (the vocabulary's byte layout, re-exported)
+    clip_merges,
+    clip_vocab,
+)
+
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-NUM_MERGES = 49152 - 256 - 2  # OpenAI CLIP keeps the first 48894 merge rules of the file
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
 SD2_PAD_TOKEN = "!"  # SD 2.x (open_clip) pads with id 0, which is "!"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    # Printable Latin-1 bytes map to themselves; the rest (controls, space, soft hyphen) are moved
-    # past 255 in byte order, so no symbol of the vocabulary is whitespace or a control character.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    mapping = {b: chr(b) for b in printable}
-    shifted = (b for b in range(256) if b not in mapping)
-    for n, b in enumerate(shifted):
-        mapping[b] = chr(256 + n)
-    return mapping
-
-
-def bpe_file() -> importlib.resources.abc.Traversable:
-    """The BPE merges file inside the installed open_clip package."""
-    return importlib.resources.files("open_clip") / BPE_FILE
 
 
 @lru_cache(maxsize=1)
 def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """OpenAI CLIP's vocabulary (symbol -> id) and merge rules, read from open_clip's file."""
-    path = bpe_file()
-    if not path.is_file():
-        raise FileNotFoundError(f"open_clip does not ship {BPE_FILE} at {path}")
-    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
-    # Line 0 is the "#version" header.
-    merges = tuple(tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES])
-    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
-        raise ValueError(f"{path} does not hold {NUM_MERGES} merge rules of two symbols")
-    symbols = list(byte_to_unicode().values())
-    symbols += [s + "</w>" for s in symbols]
-    symbols += ["".join(m) for m in merges]
-    symbols += [BOS_TOKEN, EOS_TOKEN]
-    return {s: i for i, s in enumerate(symbols)}, merges
+    merges = clip_merges()
+    return clip_vocab(merges), tuple(tuple(m.split(" ")) for m in merges)
 
 
 def offline_clip_tokenizer(max_length: int = 77, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
