@@ -154,7 +154,6 @@ def _prediction_type_from_sidecar(path: Path) -> str | None:
 def load_single_file(path: Path, prediction_type: str | None = None) -> Components:
     """One original (CompVis / A1111) checkpoint -> Components; the architecture comes from shapes."""
     from pipelines.single_file import infer_configs, original_to_diffusers
-    from text_encoder import ClipTextEncoder
 
     state = load_weights_file(path)
     prediction_type = prediction_type or _prediction_type_from_sidecar(path) or "epsilon"
@@ -163,9 +162,19 @@ def load_single_file(path: Path, prediction_type: str | None = None) -> Componen
     schedule = ScheduleConfig(prediction_type=prediction_type)
     unet = _build(UNet, UNetConfig.from_diffusers(configs["unet"]), parts["unet"])
     vae = _build(AutoencoderKL, AutoencoderConfig.from_diffusers(configs["vae"]), parts["vae"])
-    text_encoder = ClipTextEncoder.from_state_dict(parts["text_encoder"], configs["text_encoder"])
+    # SD 2.x (OpenCLIP) tokenizers pad with "!" (id 0), OpenAI CLIP's with the end token
+    pad = "!" if configs.get("text_encoder_format") == "open_clip" else "<|endoftext|>"
+    text_encoder = _clip_from_state_dict(parts["text_encoder"], configs["text_encoder"], pad)
     return Components(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
                       sampler="ddim", source=str(path))
+
+
+def _clip_from_state_dict(state: dict, config: dict, pad_token: str):
+    from text_encoder import ClipBpeTokenizer, ClipTextConfig, ClipTextEncoder, ClipTextModel
+
+    model = ClipTextModel.from_state_dict(state, ClipTextConfig.from_dict(config))
+    tokenizer = ClipBpeTokenizer.offline(model.config.max_position_embeddings, pad_token=pad_token)
+    return ClipTextEncoder(model.eval().requires_grad_(False), tokenizer)
 
 
 def resolve(path_or_id: str | os.PathLike | None, revision: str | None = None,
@@ -240,5 +249,7 @@ def save_folder(root: Path, components: Components) -> None:
     if components.use_karras_sigmas:
         scheduler["use_karras_sigmas"] = True
     write_json(root / "scheduler" / "scheduler_config.json", scheduler)
-    text_class = type(components.text_encoder.model).__name__
+    # our own torch CLIP text model saves the transformers CLIPTextModel format
+    text_class = "T5EncoderModel" if "T5" in type(components.text_encoder).__name__ \
+        else "CLIPTextModel"
     write_json(root / "model_index.json", model_index(text_class, scheduler_class))

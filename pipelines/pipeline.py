@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from ldm.denoiser import Denoiser
 from ldm.guidance import classifier_free_guidance
 from ldm.samplers import Steps, get_sampler, make_steps, randn
+from tqdm.auto import tqdm
+
 from pipelines import images as imgs
 from pipelines import loading
 
@@ -76,6 +76,14 @@ class DiffusionPipeline:
         """Write the diffusers folder layout; diffusers' StableDiffusionPipeline loads it."""
         loading.save_folder(Path(path), self.components())
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str | None = None) -> str:
+        """Upload save_pretrained's folder and a model card to the Hub as one commit; its URL."""
+        from pipelines.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message)
+
     def to(self, device=None, dtype: torch.dtype | None = None):
         """Move every component (in place) and return self."""
         self.unet.to(device=device, dtype=dtype)
@@ -128,8 +136,9 @@ class DiffusionPipeline:
         """(cond, uncond) contexts, repeated per image, as diffusers' encode_prompt returns them."""
         from text_encoder import encode_prompt
 
-        return encode_prompt(self.text_encoder, prompt, negative_prompt, num_images_per_prompt,
-                             do_cfg, clip_skip=clip_skip)
+        with torch.inference_mode():
+            return encode_prompt(self.text_encoder, prompt, negative_prompt,
+                                 num_images_per_prompt, do_cfg, clip_skip=clip_skip)
 
     def _steps(self, sampler: str | None, num_inference_steps: int, use_karras_sigmas):
         name = self.sampler if sampler is None else sampler

@@ -12,10 +12,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # package -> top-level modules it must never import (statically, anywhere in its files)
 FORBIDDEN = {
-    "ldm": {"transformers", "diffusers", "accelerate", "datasets", "PIL", "open_clip", "peft",
-            "huggingface_hub", "safetensors", "autoencoder", "text_encoder", "pipelines", "train"},
-    "autoencoder": {"transformers", "diffusers", "accelerate", "datasets", "PIL", "open_clip",
-                    "peft", "huggingface_hub", "ldm", "text_encoder", "pipelines", "train"},
+    "ldm": {
+        "transformers",
+        "diffusers",
+        "accelerate",
+        "datasets",
+        "PIL",
+        "open_clip",
+        "peft",
+        "huggingface_hub",
+        "safetensors",
+        "autoencoder",
+        "text_encoder",
+        "pipelines",
+        "train",
+    },
+    "autoencoder": {
+        "transformers",
+        "diffusers",
+        "accelerate",
+        "datasets",
+        "PIL",
+        "open_clip",
+        "peft",
+        "huggingface_hub",
+        "ldm",
+        "text_encoder",
+        "pipelines",
+        "train",
+    },
     "text_encoder": {"diffusers", "accelerate", "datasets", "peft", "pipelines", "train"},
     "pipelines": {"diffusers", "accelerate", "datasets", "peft", "train"},
     "train": {"diffusers"},
@@ -45,7 +70,10 @@ def test_no_forbidden_imports_anywhere_in_package(package):
 def _modules_loaded_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", code + "\nimport sys; print('\\n'.join(sys.modules))"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return {line.split(".")[0] for line in out.stdout.split()}
 
