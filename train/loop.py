@@ -1,0 +1,663 @@
+"""Training the U-Net (and optionally the text encoder) of a latent diffusion model with accelerate.
+
+One optimizer step (Ho et al. 2020, Algorithm 1, in the autoencoder's latent space as in
+Rombach et al. 2022, Eq. 2), repeated over `gradient_accumulation_steps` micro-batches:
+
+    x0  = scaling_factor * z,  z ~ q(z | image)       frozen autoencoder, a posterior sample
+    eps ~ N(0, I)  (+ offset_noise * per-channel constant)
+    t   ~ U{0, ..., T-1}
+    x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+    loss = mean_b  w(t_b) * ||model(x_t, t, text(caption)) - target||^2 / numel
+           target = eps, v or x0 (--prediction-type); w = min-SNR-gamma weights or 1
+    captions are replaced by "" with probability caption_dropout (for classifier-free guidance)
+
+All training randomness (posterior samples, noise, t, caption dropout) comes from one
+torch.Generator per process whose state is checkpointed, and the data order is a function of
+(seed, position) (train/data.py), so a resumed run is bitwise the uninterrupted one on CPU.
+
+The shared machinery of `ldm train` and `ldm train-vae` (RunConfig, the accelerator and its
+trackers, the LR schedule, writing and restoring checkpoints) is defined first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import ProjectConfiguration
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.schedule import alphas_cumprod, min_snr_weight, offset_noise, q_sample, training_target
+from pipelines.loading import Components
+from train.checkpoint import read_checkpoint, write_checkpoint
+from train.data import DataConfig, load_dataset, make_loader
+from train.ema import EMA
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "csv", "tensorboard")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_BUCKETS = 4  # the loss is also logged per quarter of the timestep range
+
+
+# ==== the run: shared by `ldm train` and `ldm train-vae` ====
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Optimisation, precision, checkpointing and logging of one training run."""
+
+    output: str
+    max_steps: int = 1000
+    batch_size: int = 1  # per process and micro-batch
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None  # "latest" or a checkpoint folder
+    seed: int = 0
+    report_to: str = "none"
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("lr_scheduler", LR_SCHEDULERS),
+            ("report_to", REPORT_TO),
+            ("mixed_precision", MIXED_PRECISIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        for name in (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "checkpoint_every",
+            "log_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1")
+        if self.lr_warmup_steps < 0 or self.learning_rate <= 0:
+            raise ValueError("lr_warmup_steps must be >= 0 and learning_rate > 0")
+
+
+class CSVTracker(GeneralTracker):
+    """An accelerate tracker writing logs/metrics.csv rows (step, name, value)."""
+
+    name = "csv"
+    requires_logging_directory = True
+
+    def __init__(self, logging_dir: Path):
+        super().__init__()
+        self.folder = Path(logging_dir)
+
+    @property
+    def tracker(self) -> Path:
+        return self.folder / "metrics.csv"
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "config.json").write_text(json.dumps(values, indent=2, default=str) + "\n")
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        new = not self.tracker.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.tracker, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "name", "value"])
+            writer.writerows([step, k, float(v)] for k, v in values.items())
+
+
+def make_accelerator(run: RunConfig, project: str, config: dict) -> Accelerator:
+    """The Accelerator for a run: precision, trackers (with the run's config), output folders."""
+    if run.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    log_with: list = []
+    logs = Path(run.output) / "logs"
+    if run.report_to == "tensorboard":
+        from accelerate.utils import is_tensorboard_available
+
+        if not is_tensorboard_available():
+            raise ValueError(
+                "--report-to tensorboard: the tensorboard package is not installed "
+                "(pip install tensorboard), or use --report-to csv"
+            )
+        log_with.append("tensorboard")
+    elif run.report_to == "csv":
+        log_with.append(CSVTracker(logs))
+    # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on CPUs): ask
+    # accelerate for CPU training explicitly, or every process would run alone and all of
+    # them would write the same files.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=run.mixed_precision,
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=run.output, logging_dir=str(logs)),
+    )
+    flat = {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in _flatten(config).items()
+    }
+    accelerator.init_trackers(project, config=flat)
+    return accelerator
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """LR multiplier per optimizer step: linear warm-up, then constant, cosine or linear decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def make_optimizer(params: list, run: RunConfig):
+    """AdamW and its LR schedule (a LambdaLR stepped once per optimizer step)."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=run.learning_rate,
+        betas=(run.adam_beta1, run.adam_beta2),
+        weight_decay=run.adam_weight_decay,
+        eps=run.adam_epsilon,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(run.lr_scheduler, run.lr_warmup_steps, run.max_steps)
+    )
+    return optimizer, schedule
+
+
+def training_generator(accelerator: Accelerator, seed: int) -> torch.Generator:
+    """This process's generator for noise, timesteps and dropout: distinct per process."""
+    state = np.random.SeedSequence([seed, accelerator.process_index]).generate_state(1)[0]
+    return torch.Generator(accelerator.device).manual_seed(int(state))
+
+
+def check_finite(values: torch.Tensor, step: int, what: str = "loss") -> None:
+    """Stop the run on a NaN / inf loss (values are gathered, so every process stops)."""
+    if not torch.isfinite(values).all():
+        raise FloatingPointError(
+            f"the {what} became {values[~torch.isfinite(values)][0].item()} at step {step + 1}; "
+            "stopping. The last checkpoint written (if any) is intact; resume from it with a lower "
+            "--learning-rate, --mixed-precision bf16 or no, or a smaller --max-grad-norm"
+        )
+
+
+def save_grid(images: list[Image.Image], columns: int, path: Path) -> Image.Image:
+    """Paste images (all one size) into a grid, row by row, and save it as PNG."""
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return grid
+
+
+def log_grid(accelerator: Accelerator, name: str, grid: Image.Image, step: int) -> None:
+    """Send an image to the trackers that take images (TensorBoard); the PNG is on disk anyway."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: np.asarray(grid)[None]}, step, dataformats="NHWC")
+
+
+# ==== the U-Net run ====
+
+
+@dataclass(frozen=True)
+class ScratchPreset:
+    """A model trained from scratch: a U-Net preset and a small CLIP-architecture text encoder."""
+
+    unet: str
+    text_layers: int
+    text_heads: int
+    text_mlp_ratio: int = 4
+
+
+# The text encoder's width is the U-Net's cross_attention_dim; the autoencoder comes from --vae.
+SCRATCH_PRESETS: dict[str, ScratchPreset] = {
+    "tiny": ScratchPreset(unet="tiny", text_layers=2, text_heads=2),
+    "small": ScratchPreset(unet="small", text_layers=4, text_heads=4),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`ldm train`: what model to train on which data, and how."""
+
+    model: str  # a pipeline folder / file / Hub id, or "preset:NAME" to start from scratch
+    data: DataConfig
+    run: RunConfig
+    vae: str | None = None  # an autoencoder folder (from `ldm train-vae`)
+    prediction_type: str | None = None  # None: the model's own (epsilon from scratch)
+    snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    caption_dropout: float = 0.0
+    ema_decay: float | None = None
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = False
+    validation_prompts: tuple[str, ...] = ()
+    validation_every: int = 500
+    validation_images: int = 2  # per prompt, seeds 0, 1, ...
+    validation_steps: int = 25
+    validation_guidance: float = 5.0
+    save_sampler: str = "ddim"  # the scheduler written into a from-scratch model folder
+
+    def __post_init__(self):
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type={self.prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}"
+            )
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1]")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma={self.snr_gamma} must be > 0 (or unset)")
+        if self.offset_noise < 0:
+            raise ValueError(f"offset_noise={self.offset_noise} must be >= 0")
+        for name in ("validation_every", "validation_images", "validation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1) (or unset)")
+
+
+def scratch_preset_name(model: str) -> str | None:
+    """The from-scratch preset `model` names ("preset:tiny", or "tiny" if no such path exists)."""
+    if model.startswith("preset:"):
+        name = model.removeprefix("preset:")
+    elif model in SCRATCH_PRESETS and not Path(model).exists():
+        name = model
+    else:
+        return None
+    if name not in SCRATCH_PRESETS:
+        raise ValueError(
+            f"--model preset:{name}: unknown preset; choose one of {', '.join(SCRATCH_PRESETS)}"
+        )
+    return name
+
+
+def load_vae_folder(path: str):
+    """An autoencoder from a vae folder or a pipeline folder holding vae/."""
+    from pipelines.loading import load_vae
+
+    folder = Path(path).expanduser()
+    if (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--vae: {folder} is not an autoencoder folder (no config.json); "
+            "train one with `ldm train-vae`"
+        )
+    return load_vae(folder)
+
+
+def build_scratch(name: str, cfg: TrainConfig) -> Components:
+    """Fresh U-Net and text encoder (seeded) around a trained autoencoder."""
+    from ldm.schedule import ScheduleConfig
+    from ldm.unet import UNET_PRESETS, UNet
+    from text_encoder import ClipTextConfig, ClipTextEncoder, ClipTextModel
+
+    preset = SCRATCH_PRESETS[name]
+    if preset.unet not in UNET_PRESETS:
+        raise ValueError(
+            f"preset {name!r} needs the U-Net preset {preset.unet!r}, which "
+            f"ldm.unet.UNET_PRESETS lacks (it has {', '.join(UNET_PRESETS)})"
+        )
+    if cfg.vae is None:
+        raise ValueError(
+            f"--vae: training preset {name!r} from scratch needs an autoencoder "
+            "folder; train one with `ldm train-vae`"
+        )
+    vae = load_vae_folder(cfg.vae)
+    f, latent = vae.config.downsample_factor, vae.config.latent_channels
+    width = UNET_PRESETS[preset.unet].cross_attention_dim
+    unet_config = replace(
+        UNET_PRESETS[preset.unet],
+        in_channels=latent,
+        out_channels=latent,
+        sample_size=cfg.data.resolution // f,
+    )
+    torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
+    unet = UNet(unet_config)
+    # OpenAI CLIP's vocabulary, 77 positions and quick_gelu (ClipTextConfig's defaults) at a
+    # small width; the encoder gets the offline CLIP BPE tokenizer
+    text_config = ClipTextConfig(
+        hidden_size=width,
+        intermediate_size=width * preset.text_mlp_ratio,
+        num_hidden_layers=preset.text_layers,
+        num_attention_heads=preset.text_heads,
+        projection_dim=width,
+    )
+    text_encoder = ClipTextEncoder(ClipTextModel(text_config))
+    schedule = ScheduleConfig(prediction_type=cfg.prediction_type or "epsilon")
+    return Components(unet, vae, text_encoder, schedule, cfg.save_sampler, source=f"preset:{name}")
+
+
+def load_components(cfg: TrainConfig) -> Components:
+    """The model to train: a from-scratch preset, or a pipeline to fine-tune."""
+    name = scratch_preset_name(cfg.model)
+    if name is not None:
+        return build_scratch(name, cfg)
+    from pipelines import TextToImagePipeline
+
+    parts = TextToImagePipeline.from_pretrained(cfg.model).components()
+    if cfg.vae is not None:
+        parts.vae = load_vae_folder(cfg.vae)
+    if cfg.prediction_type and cfg.prediction_type != parts.schedule.prediction_type:
+        logger.warning(
+            "fine-tuning a %s model to predict %s (--prediction-type)",
+            parts.schedule.prediction_type,
+            cfg.prediction_type,
+        )
+        parts.schedule = replace(parts.schedule, prediction_type=cfg.prediction_type)
+    return parts
+
+
+def encode_captions(text_encoder, model: torch.nn.Module, captions: list[str]) -> torch.Tensor:
+    """Context (B, L, D) through `model`: the text model itself, or its DDP wrapper when trained."""
+    batch = text_encoder.tokenize(captions, long_prompt="truncate", weighting=False)
+    ids = batch.ids.to(text_encoder.device)
+    masked = getattr(text_encoder.model.config, "use_attention_mask", False)
+    mask = batch.mask.to(ids.device).long() if masked else None
+    return model(ids, attention_mask=mask).last_hidden_state
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """x0 = scaling_factor * (z - shift), z a posterior sample (the mode if generator is None)."""
+    # In the autoencoder's own dtype, outside autocast: SD's encoder overflows in float16.
+    posterior = vae.encode(pixels.to(vae.dtype))
+    z = posterior.mode() if generator is None else posterior.sample(generator)
+    shift = vae.config.shift_factor or 0.0
+    return (z.float() - shift) * vae.config.scaling_factor
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    context: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    prediction_type: str,
+    snr_gamma: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted mean loss, per-sample unweighted MSE) of Ho et al. 2020, Eq. 14."""
+    x_t = q_sample(x0, eps, t, alpha_bar)
+    target = training_target(x0, eps, t, alpha_bar, prediction_type)
+    pred = unet(x_t, t, context)
+    mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    weight = 1.0 if snr_gamma is None else min_snr_weight(t, alpha_bar, snr_gamma, prediction_type)
+    return (weight * mse).mean(), mse.detach()
+
+
+@torch.no_grad()
+def fixed_noise_loss(
+    parts: Components, pixels: torch.Tensor, captions: list[str], seed: int = 0, repeats: int = 4
+) -> float:
+    """Mean loss on pairs at seeded t and noise: comparable between two models' weights."""
+    generator = torch.Generator().manual_seed(seed)
+    device = parts.unet.device
+    x0 = encode_latents(parts.vae, pixels.to(device), None)
+    context = encode_captions(parts.text_encoder, parts.text_encoder.model, captions)
+    alpha_bar = alphas_cumprod(parts.schedule).to(device)
+    T, total = parts.schedule.num_train_timesteps, 0.0
+    for _ in range(repeats):
+        t = torch.randint(0, T, (x0.shape[0],), generator=generator).to(device)
+        eps = torch.randn(x0.shape, generator=generator).to(device)
+        loss, _ = diffusion_loss(
+            parts.unet,
+            x0,
+            eps,
+            t,
+            context.to(parts.unet.dtype),
+            alpha_bar,
+            parts.schedule.prediction_type,
+            None,
+        )
+        total += loss.item()
+    return total / repeats
+
+
+def render_validation(parts: Components, cfg: TrainConfig, path: Path) -> Image.Image:
+    """The validation prompts (rows) at fixed seeds (columns), saved as one PNG grid."""
+    from pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline(
+        parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.sampler
+    )
+    pipe.progress = False
+    images = []
+    for prompt in cfg.validation_prompts:
+        for seed in range(cfg.validation_images):
+            out = pipe(
+                prompt,
+                num_inference_steps=cfg.validation_steps,
+                guidance_scale=cfg.validation_guidance,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pil",
+            )
+            images += out.images
+    return save_grid(images, cfg.validation_images, path)
+
+
+def _trained(parts: Components, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
+    modules = {"unet": parts.unet}
+    if cfg.train_text_encoder:
+        modules["text_encoder"] = parts.text_encoder.model
+    return modules
+
+
+def _named_parameters(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    return {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters()}
+
+
+def _bucket_names(T: int) -> list[str]:
+    edges = [round(i * T / LOSS_BUCKETS) for i in range(LOSS_BUCKETS + 1)]
+    return [f"loss_t{lo:04d}-{hi - 1:04d}" for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train per `cfg`; returns the output folder, which holds the trained pipeline."""
+    run = cfg.run
+    config = asdict(cfg)
+    accelerator = make_accelerator(run, "ldm-train", config)
+    device, output = accelerator.device, Path(run.output)
+
+    # ---- data, model, optimizer ----
+    dataset = load_dataset(cfg.data, run.seed)  # first: bad data fails before a model loads
+    parts = load_components(cfg)
+    modules = _trained(parts, cfg)
+    parts.vae.to(device).eval().requires_grad_(False)
+    parts.text_encoder.model.to(device).requires_grad_(cfg.train_text_encoder)
+    parts.text_encoder.model.train(cfg.train_text_encoder)
+    parts.unet.to(device).train().requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            parts.text_encoder.model.gradient_checkpointing_enable()
+    named = _named_parameters(modules)
+    optimizer, lr_schedule = make_optimizer(list(named.values()), run)
+    ema = EMA(named, cfg.ema_decay) if cfg.ema_decay else None
+    prepared = accelerator.prepare(*modules.values(), optimizer)
+    wrapped = dict(zip(modules, prepared[:-1]))  # DDP wrappers in multi-process runs
+    optimizer = prepared[-1]
+    unet = wrapped["unet"]
+    text_model = wrapped.get("text_encoder", parts.text_encoder.model)
+
+    # ---- resume ----
+    generator = training_generator(accelerator, run.seed)
+    step = 0
+    restored = read_checkpoint(accelerator, run.output, run.resume, generator, config)
+    if restored is not None:
+        tensors, state = restored
+        for name, module in modules.items():
+            module.load_state_dict(tensors[name])
+        if ema is not None:
+            ema.load_state_dict(tensors["ema"], state["ema_updates"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_scheduler"])
+        step = state["step"]
+
+    def checkpoint(at: int) -> None:
+        tensors = {name: m.state_dict() for name, m in modules.items()}
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_schedule.state_dict(),
+            "config": config,
+            "ema_updates": ema.num_updates if ema else 0,
+        }
+        if ema is not None:
+            tensors["ema"] = ema.state_dict()
+        write_checkpoint(
+            accelerator, run.output, at, tensors, state, generator, run.checkpoints_total_limit
+        )
+
+    def validate(at: int) -> None:
+        if not cfg.validation_prompts or not accelerator.is_main_process:
+            return
+        was = [m.training for m in modules.values()]
+        for m in modules.values():
+            m.eval()
+        with ema.swapped() if ema else contextlib.nullcontext():
+            grid = render_validation(parts, cfg, output / "validation" / f"step-{at:08d}.png")
+        for m, mode in zip(modules.values(), was):
+            m.train(mode)
+        log_grid(accelerator, "validation", grid, at)
+
+    # ---- the loop ----
+    accum = run.gradient_accumulation_steps
+    loader = iter(
+        make_loader(
+            dataset,
+            run.batch_size,
+            run.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            start=step * accum,
+        )
+    )
+    alpha_bar = alphas_cumprod(parts.schedule).to(device)
+    T, prediction_type = parts.schedule.num_train_timesteps, parts.schedule.prediction_type
+    buckets = _bucket_names(T)
+    sums, counts = torch.zeros(LOSS_BUCKETS), torch.zeros(LOSS_BUCKETS)
+    logged_loss, logged_n, tick = 0.0, 0, time.perf_counter()
+    bar = tqdm(
+        total=run.max_steps,
+        initial=step,
+        desc="training",
+        dynamic_ncols=True,
+        disable=not (run.progress and accelerator.is_local_main_process),
+    )
+    while step < run.max_steps:
+        for micro in range(accum):
+            batch = next(loader)
+            pixels = batch["pixels"].to(device)
+            B = pixels.shape[0]
+            x0 = encode_latents(parts.vae, pixels, generator)
+            eps = offset_noise(x0, cfg.offset_noise, generator)
+            t = torch.randint(0, T, (B,), generator=generator, device=generator.device).to(device)
+            drop = torch.rand(B, generator=generator, device=generator.device) < cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+            last = micro == accum - 1
+            with contextlib.ExitStack() as stack:
+                if not last:  # gradients are all-reduced once, on the last micro-batch
+                    for module in wrapped.values():
+                        stack.enter_context(accelerator.no_sync(module))
+                with accelerator.autocast():
+                    with torch.set_grad_enabled(cfg.train_text_encoder):
+                        context = encode_captions(parts.text_encoder, text_model, captions)
+                    loss, mse = diffusion_loss(
+                        unet, x0, eps, t, context, alpha_bar, prediction_type, cfg.snr_gamma
+                    )
+                seen = accelerator.gather(
+                    torch.stack([loss.detach().expand(B), mse, t.float()], 1)
+                ).cpu()
+                check_finite(seen[:, :2], step)
+                accelerator.backward(loss / accum)
+            bucket = (seen[:, 2] * LOSS_BUCKETS / T).long().clamp(max=LOSS_BUCKETS - 1)
+            sums.index_add_(0, bucket, seen[:, 1])
+            counts.index_add_(0, bucket, torch.ones_like(seen[:, 1]))
+            logged_loss, logged_n = logged_loss + seen[:, 0].mean().item(), logged_n + 1
+        grad_norm = accelerator.clip_grad_norm_(list(named.values()), run.max_grad_norm)
+        if accelerator.scaler is None:  # fp16's scaler skips inf steps itself
+            check_finite(torch.as_tensor(grad_norm).reshape(1).cpu(), step, "gradient norm")
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{seen[:, 0].mean().item():.4f}")
+
+        if step % run.log_every == 0 or step == run.max_steps:
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            logs = {
+                "loss": logged_loss / logged_n,
+                "lr": lr_schedule.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "samples_per_second": logged_n * B * accelerator.num_processes / elapsed,
+            }
+            logs |= {name: (s / c).item() for name, s, c in zip(buckets, sums, counts) if c > 0}
+            accelerator.log(logs, step=step)
+            sums.zero_(), counts.zero_()
+            logged_loss, logged_n = 0.0, 0
+        if step % run.checkpoint_every == 0 or step == run.max_steps:
+            checkpoint(step)
+        if step % cfg.validation_every == 0 or step == run.max_steps:
+            validate(step)
+    bar.close()
+
+    # ---- the result: a pipeline folder (EMA weights when EMA is on) ----
+    if accelerator.is_main_process:
+        from pipelines import TextToImagePipeline
+
+        with ema.swapped() if ema else contextlib.nullcontext():
+            pipe = TextToImagePipeline(
+                parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.sampler
+            )
+            pipe.save_pretrained(output)
+        logger.info("saved the trained pipeline to %s", output)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output
