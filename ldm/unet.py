@@ -237,6 +237,17 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         cross_attention_dim=128,
         norm_num_groups=8,
     ),
+    # the shipped default model: "small" at (32, 64, 64) with a 32-wide text context,
+    # 2.2M parameters, so the whole pipeline stays under 25 MB in float32
+    "shapes": UNetConfig(
+        sample_size=16,
+        block_out_channels=(32, 64, 64),
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    ),
     # a few hundred thousand parameters, for tests
     "tiny": UNetConfig(
         sample_size=16,
@@ -396,6 +407,17 @@ class UNet(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend, module.slice_size = name, slice_size
+
+    def fuse_qkv(self) -> None:
+        """Project q, k, v of every self-attention with one matmul (inference; same state_dict)."""
+        for module in [m for m in self.modules() if isinstance(m, Attention)]:
+            if module.is_self_attention:
+                module.fuse_qkv()
+
+    def unfuse_qkv(self) -> None:
+        """Undo fuse_qkv: separate to_q / to_k / to_v layers again (for training, LoRA)."""
+        for module in [m for m in self.modules() if isinstance(m, Attention)]:
+            module.unfuse_qkv()
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute block activations in the backward pass: less memory, about 30% more time."""

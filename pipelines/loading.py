@@ -38,6 +38,7 @@ SCHEDULER_TO_SAMPLER = {
     "DPMSolverMultistepScheduler": "dpmpp_2m",
 }
 SAMPLER_TO_SCHEDULER = {v: k for k, v in SCHEDULER_TO_SAMPLER.items()}
+GENERATION_DEFAULTS = "generation_defaults.json"  # steps / guidance a folder recommends
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
 
@@ -64,6 +65,19 @@ def read_json(path: Path) -> dict:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_generation_defaults(root: Path) -> dict:
+    """{"num_inference_steps": ..., "guidance_scale": ...} from a model folder, if it has them."""
+    path = root / GENERATION_DEFAULTS
+    if not (root.is_dir() and path.is_file()):
+        return {}
+    allowed = {"num_inference_steps", "guidance_scale"}
+    data = json.loads(path.read_text())
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return data
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -48,6 +48,8 @@ class DiffusionPipeline:
         self.schedule, self.sampler, self.use_karras_sigmas = schedule, sampler, use_karras_sigmas
         self.source = source
         self.progress = True
+        # the steps / guidance a model folder recommends (generation_defaults.json), for the CLI
+        self.generation_defaults: dict = {}
 
     # ---- loading, saving, devices -------------------------------------------------------------
 
@@ -59,14 +61,18 @@ class DiffusionPipeline:
         the folder's scheduler config, and is required knowledge for single v-prediction files."""
         c = loading.load(path_or_id, prediction_type=prediction_type, revision=revision,
                          subfolder=subfolder)
-        return cls(c.unet, c.vae, c.text_encoder, c.schedule, c.sampler, c.use_karras_sigmas,
+        pipe = cls(c.unet, c.vae, c.text_encoder, c.schedule, c.sampler, c.use_karras_sigmas,
                    c.source)
+        pipe.generation_defaults = loading.read_generation_defaults(Path(c.source))
+        return pipe
 
     @classmethod
     def from_pipeline(cls, other: DiffusionPipeline):
         """The same components behind another pipeline class (no copies)."""
-        return cls(other.unet, other.vae, other.text_encoder, other.schedule, other.sampler,
+        pipe = cls(other.unet, other.vae, other.text_encoder, other.schedule, other.sampler,
                    other.use_karras_sigmas, other.source)
+        pipe.generation_defaults = dict(other.generation_defaults)
+        return pipe
 
     def components(self) -> loading.Components:
         return loading.Components(self.unet, self.vae, self.text_encoder, self.schedule,
@@ -75,6 +81,8 @@ class DiffusionPipeline:
     def save_pretrained(self, path) -> None:
         """Write the diffusers folder layout; diffusers' StableDiffusionPipeline loads it."""
         loading.save_folder(Path(path), self.components())
+        if self.generation_defaults:
+            loading.write_json(Path(path) / loading.GENERATION_DEFAULTS, self.generation_defaults)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     revision: str | None = None, commit_message: str | None = None) -> str:

@@ -47,6 +47,11 @@ def add_data_args(parser: argparse.ArgumentParser, captions: bool = True) -> Non
         help="training image side: the short side is resized to it, then a square "
         "is cropped (default: 512)",
     )
+    g.add_argument(
+        "--no-resize",
+        action="store_true",
+        help="crop --resolution squares at the images' own scale instead of resizing first",
+    )
     crop = g.add_mutually_exclusive_group()
     crop.add_argument(
         "--center-crop",
@@ -175,6 +180,7 @@ def data_config(args: argparse.Namespace):
         resolution=args.resolution,
         crop=args.crop,
         random_flip=args.random_flip,
+        resize=not args.no_resize,
         strict=args.strict,
         num_workers=args.num_workers,
     )

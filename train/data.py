@@ -53,6 +53,7 @@ class DataConfig:
     resolution: int = 512
     crop: str = "center"  # "center" | "random"
     random_flip: bool = False  # off by default: flipping breaks "left of" / "right of" captions
+    resize: bool = True  # False: crop at the image's own scale (autoencoders learn from patches)
     strict: bool = False  # unreadable images are fatal instead of skipped
     num_workers: int = 0
 
@@ -299,11 +300,17 @@ def drop_unreadable(records: Records, strict: bool) -> Records:
 
 
 def to_training_tensor(
-    image: Image.Image, resolution: int, crop: str, flip: bool, rng: np.random.Generator
+    image: Image.Image,
+    resolution: int,
+    crop: str,
+    flip: bool,
+    rng: np.random.Generator,
+    resize: bool = True,
 ) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, maybe flip: (3, r, r) in [-1, 1]."""
+    """Resize the short side to `resolution` (unless `resize` is off and the image is at least
+    that large), crop a square, maybe flip: (3, r, r) in [-1, 1]."""
     w, h = image.size
-    scale = resolution / min(w, h)
+    scale = resolution / min(w, h) if resize or min(w, h) < resolution else 1.0
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     if size != (w, h):
         image = image.resize(size, Image.Resampling.BICUBIC)
@@ -352,7 +359,8 @@ class CaptionedImages(Dataset):
                 )
                 continue
             pixels = to_training_tensor(
-                image, self.cfg.resolution, self.cfg.crop, self.cfg.random_flip, rng
+                image, self.cfg.resolution, self.cfg.crop, self.cfg.random_flip, rng,
+                self.cfg.resize,
             )
             return {"pixels": pixels, "caption": self.records.captions[i]}
         raise ValueError(f"data: no image of {self.records.source} can be decoded")

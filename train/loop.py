@@ -257,6 +257,9 @@ class ScratchPreset:
 SCRATCH_PRESETS: dict[str, ScratchPreset] = {
     "tiny": ScratchPreset(unet="tiny", text_layers=2, text_heads=2),
     "small": ScratchPreset(unet="small", text_layers=4, text_heads=4),
+    # the shipped default model: a 32-wide, 3-layer text encoder (its 49408-token embedding
+    # is most of its 1.6M parameters)
+    "shapes": ScratchPreset(unet="shapes", text_layers=3, text_heads=1),
 }
 
 
