@@ -18,6 +18,10 @@ noise is drawn with `randn` at the moments, and in the order, diffusers draws it
 | euler_ancestral | Euler step to sigma_down, noise sigma_up       | EulerAncestralDiscrete...   |
 | heun            | Karras et al. 2022, Algorithm 1                | HeunDiscreteScheduler       |
 | dpmpp_2m        | Lu et al. 2022 (DPM-Solver++), Algorithm 2     | DPMSolverMultistepScheduler |
+| pndm            | Liu et al. 2022 (PNDM), PLMS: Eq. 12 and 9     | PNDMScheduler (skip_prk)    |
+
+A sampler calls the model once per timestep, so len(steps) is its number of model calls and of
+callbacks, except Heun's (two calls a step). PNDM's list holds num_steps + 1 timesteps.
 """
 
 import math
@@ -40,6 +44,7 @@ DIFFUSERS_SCHEDULERS = {
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",  # with skip_prk_steps=True, as Stable Diffusion 1.x configs set it
 }
 KARRAS_SAMPLERS = ("euler", "heun", "dpmpp_2m")  # those whose diffusers class has Karras sigmas
 
@@ -47,7 +52,8 @@ KARRAS_SAMPLERS = ("euler", "heun", "dpmpp_2m")  # those whose diffusers class h
 # their update, and hold the state at sigma = 2^50: float32 then cannot tell it from inf (x0
 # terms vanish below rounding) while sigma^2 + 1 stays finite. diffusers' Euler and DPM-Solver
 # instead replace alpha_bar_T by 2^-24, which those samplers copy (Heun too, though diffusers'
-# Heun has no zero-SNR option). Keep the state in float32: 2^50 * noise overflows float16.
+# Heun has no zero-SNR option). PNDM refuses zero SNR: its step divides by alpha_bar (diffusers'
+# PNDMScheduler has no zero-SNR option). Keep the state in float32: 2^50 * noise overflows fp16.
 _VP_ALPHA_BAR_FLOOR = 2.0**-100
 _KARRAS_ALPHA_BAR_FLOOR = 2.0**-24
 
@@ -89,17 +95,26 @@ class Steps:
     sigmas: torch.Tensor  # (n+1,) VE level before each step; the last is the final level
     init_noise_sigma: float  # x = noise * init_noise_sigma starts the loop (diffusers' rule)
     alphas_cumprod: torch.Tensor  # (n,) alpha_bar at each timestep (exactly 0 at zero SNR)
-    alphas_cumprod_prev: torch.Tensor  # (n,) alpha_bar each DDPM/DDIM step lands on
+    alphas_cumprod_prev: torch.Tensor  # (n,) alpha_bar each DDPM/DDIM/PNDM step lands on
     clip_sample: bool = False  # clamp x0 to [-1, 1] (DDPM, DDIM and Heun, as in diffusers)
+    prediction_type: str = "epsilon"  # the model's output; PNDM extrapolates it (eps or v)
+    # (n,) PNDM only: alpha_bar one stride above each timestep, where a run's second call restarts
+    # its first step from (NaN above the last training timestep: never a second call's)
+    alphas_cumprod_next: torch.Tensor | None = None
 
     def __len__(self) -> int:
+        """The number of timesteps: model calls and callbacks (Heun: two calls a step)."""
         return self.timesteps.shape[0]
 
     def tail(self, start: int) -> "Steps":
-        """Steps from index `start` on, as diffusers' img2img runs timesteps[start * order:]."""
+        """Steps from index `start` on, as diffusers' img2img runs timesteps[start * order:].
+
+        For PNDM (order 1) `start` indexes its num_steps + 1 timesteps, and the run restarts
+        PNDM's warm-up at the tail's first two calls, as diffusers' fresh scheduler does.
+        """
         if not 0 <= start < len(self):
             raise ValueError(f"start must be in [0, {len(self) - 1}], got {start!r}")
-        first = self.sigmas[start]
+        first, nxt = self.sigmas[start], self.alphas_cumprod_next
         return replace(
             self,
             timesteps=self.timesteps[start:],
@@ -107,6 +122,7 @@ class Steps:
             init_noise_sigma=float((first**2 + 1) ** 0.5),
             alphas_cumprod=self.alphas_cumprod[start:],
             alphas_cumprod_prev=self.alphas_cumprod_prev[start:],
+            alphas_cumprod_next=None if nxt is None else nxt[start:],
         )
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
@@ -222,6 +238,21 @@ def _vp_family(sampler: str, cfg: ScheduleConfig, n: int):
     return torch.tensor(ts, dtype=torch.float32), sig, ab, ab_prev
 
 
+def _pndm_family(cfg: ScheduleConfig, n: int):
+    """(timesteps, sigmas, alpha_bar, one stride down, one stride up) of diffusers' PNDM (PLMS)."""
+    ac, T = alphas_cumprod(cfg), cfg.num_train_timesteps
+    ts = [int(t) for t in _spaced(cfg, n, round_linspace=True)]
+    # The second timestep runs twice: its first call corrects the first step, the second goes on.
+    ts = ts[:1] + ts[1:2] + ts[1:]
+    stride = T // n  # like DDIM, PNDM strides by T // n whatever the spacing
+    final = torch.tensor(1.0) if cfg.set_alpha_to_one else ac[0]
+    down = torch.stack([ac[t - stride] if t - stride >= 0 else final for t in ts])
+    up = torch.tensor([ac[t + stride].item() if t + stride < T else math.nan for t in ts])
+    levels = torch.cat([ac[ts], down[-1:]])
+    sig = sigmas_from_alphas_cumprod(levels)  # the last: set_alpha_to_one lands on sigma = 0
+    return torch.tensor(ts, dtype=torch.float32), sig, ac[ts], down, up
+
+
 def make_steps(
     sampler: str,
     config: ScheduleConfig,
@@ -249,9 +280,19 @@ def make_steps(
         raise ValueError(
             f"use_karras_sigmas is supported for samplers {KARRAS_SAMPLERS}, not {sampler!r}"
         )
+    if sampler == "pndm" and config.rescale_betas_zero_snr:
+        raise ValueError(
+            "rescale_betas_zero_snr=True is not supported by sampler 'pndm': its step divides by "
+            "alpha_bar, which is 0 at the last timestep (diffusers' PNDMScheduler has no such "
+            "option); use one of ('ddpm', 'ddim', 'euler', 'euler_ancestral', 'dpmpp_2m')"
+        )
+    up = None
     if sampler in ("ddpm", "ddim"):
         ts, sig, ab, ab_prev = _vp_family(sampler, config, num_steps)
         init = (sig[0] ** 2 + 1) ** 0.5  # diffusers starts from unit-variance VP noise
+    elif sampler == "pndm":
+        ts, sig, ab, ab_prev, up = _pndm_family(config, num_steps)
+        init = (sig[0] ** 2 + 1) ** 0.5
     else:
         if sampler == "dpmpp_2m":
             ts, sig = _dpm_family(config, num_steps, use_karras_sigmas)
@@ -270,6 +311,8 @@ def make_steps(
         alphas_cumprod=ab,
         alphas_cumprod_prev=ab_prev,
         clip_sample=config.clip_sample and sampler in ("ddpm", "ddim", "heun"),
+        prediction_type=config.prediction_type,
+        alphas_cumprod_next=up,
     )
 
 
@@ -466,6 +509,78 @@ def sample_dpmpp_2m(
     return x / _vp_scale(s[-1])
 
 
+# Adams-Bashforth weights on the last k outputs, newest first: PLMS (Liu et al. 2022, Eq. 12)
+# for k = 4, and the lower orders it warms up with.
+_PLMS_WEIGHTS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def _pndm_output(eps: torch.Tensor, x0: torch.Tensor, sigma, prediction_type: str):
+    """What PNDM extrapolates: eps, or v for a v model (diffusers combines raw model outputs)."""
+    if prediction_type != "v_prediction":
+        return eps
+    return (eps - sigma * x0) / _vp_scale(sigma)  # v = sqrt(ab) eps - sqrt(1 - ab) x0
+
+
+def _plms_combine(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The linear multistep estimate from the last (up to four) outputs, oldest first."""
+    weights = _PLMS_WEIGHTS[len(outputs)]
+    est = weights[0] * outputs[-1]
+    for w, out in zip(weights[1:], reversed(outputs[:-1])):
+        est = est + w * out
+    return est
+
+
+def sample_pndm(
+    denoiser: DenoiserFn,
+    x: torch.Tensor,
+    steps: Steps,
+    *,
+    generator=None,
+    eta: float = 0.0,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Liu et al. 2022 (PNDM), PLMS: Eq. 12's multistep eps, moved by Eq. 9's transfer.
+
+    Eq. 9's transfer is DDIM's step with the extrapolated eps_hat; in the VE state it is the
+    Euler step x + (sigma_prev - sigma) eps_hat. As diffusers runs it (skip_prk_steps), the
+    first call takes that step with its own output; the second (the repeated timestep) redoes
+    it from the same start with the mean of both outputs (a Heun start); then Adams-Bashforth
+    of order 2, 3 and 4. One model call, and one callback, per timestep.
+    """
+    _check(steps, "pndm", eta)
+    s, n, v_model = steps.sigmas, len(steps), steps.prediction_type == "v_prediction"
+    outputs: list[torch.Tensor] = []  # the last four model outputs (eps or v), oldest first
+    start = x / _vp_scale(s[0])  # the first VP sample, which the second call steps from again
+    for i in range(n):
+        x0 = denoiser(x, s[i], steps.timesteps[i])
+        eps = (x - x0) / s[i]
+        out = _pndm_output(eps, x0, s[i], steps.prediction_type)
+        if i == 1:  # diffusers places the restart one stride above t_1 (t_0 for leading spacing)
+            out = (out + outputs[-1]) / 2
+            ab, ab_prev = steps.alphas_cumprod_next[1], steps.alphas_cumprod[1]
+            x_t = start
+        else:
+            outputs = [*outputs[-3:], out]
+            out = _plms_combine(outputs)
+            ab, ab_prev = steps.alphas_cumprod[i], steps.alphas_cumprod_prev[i]
+            x_t = x / _vp_scale(s[i])  # the VP sample diffusers holds
+        sigma, sigma_prev = sigmas_from_alphas_cumprod(torch.stack([ab, ab_prev]))
+        eps_hat = ab**0.5 * out + (1 - ab) ** 0.5 * x_t if v_model else out
+        if i == 1:
+            x0_hat = x_t * _vp_scale(sigma) - sigma * eps_hat
+        else:  # x - sigma * eps_hat, without cancelling x against sigma * eps twice (sigma >> 1)
+            x0_hat = x0 + s[i] * (eps - eps_hat)
+        x_prev = x0_hat + sigma_prev * eps_hat  # Eq. 9 in the VE state
+        # held at the next timestep's level, as ddim holds it (the same VP sample)
+        x = _done(callback, i, x_prev * (_vp_scale(s[i + 1]) / _vp_scale(sigma_prev)))
+    return x / _vp_scale(s[-1])
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -473,6 +588,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler_ancestral": sample_euler_ancestral,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "pndm": sample_pndm,
 }
 
 

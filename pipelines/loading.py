@@ -131,6 +131,10 @@ def sampler_for(scheduler_config: dict) -> tuple[str, bool]:
     if class_name not in SCHEDULER_TO_SAMPLER:
         raise ValueError(f"scheduler: unsupported class {class_name!r}; supported: "
                          f"{', '.join(SCHEDULER_TO_SAMPLER)} (or pass sampler=...)")
+    if class_name == "PNDMScheduler" and not scheduler_config.get("skip_prk_steps", False):
+        raise ValueError("scheduler: PNDMScheduler with skip_prk_steps=false (Runge-Kutta warm-up) "
+                         "is not supported; set skip_prk_steps to true (as Stable Diffusion "
+                         "folders do) or pass sampler=...")
     return SCHEDULER_TO_SAMPLER[class_name], bool(scheduler_config.get("use_karras_sigmas", False))
 
 
@@ -262,6 +266,8 @@ def save_folder(root: Path, components: Components) -> None:
     scheduler = components.schedule.to_diffusers(scheduler_class)
     if components.use_karras_sigmas:
         scheduler["use_karras_sigmas"] = True
+    if scheduler_class == "PNDMScheduler":
+        scheduler["skip_prk_steps"] = True  # PLMS only, the part we implement
     write_json(root / "scheduler" / "scheduler_config.json", scheduler)
     # our own torch CLIP text model saves the transformers CLIPTextModel format
     text_class = "T5EncoderModel" if "T5" in type(components.text_encoder).__name__ \

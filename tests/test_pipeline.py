@@ -29,6 +29,7 @@ SCHEDULERS = {
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
 }
 
 
@@ -53,6 +54,8 @@ def _reference(folder, cls_name="StableDiffusionPipeline", scheduler=None, **kwa
     pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     if scheduler is not None:
         sched_cls = getattr(diffusers, SCHEDULERS[scheduler])
+        if scheduler == "pndm":
+            kwargs = dict(kwargs, skip_prk_steps=True)  # PLMS, as Stable Diffusion folders set it
         pipe.scheduler = sched_cls.from_config(pipe.scheduler.config, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe

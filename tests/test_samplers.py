@@ -23,10 +23,13 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 SHAPE = (2, 4, 8, 8)
-VP_STATE = ("ddpm", "ddim", "dpmpp_2m")  # diffusers keeps VP latents; the Euler family keeps VE
+VP_STATE = ("ddpm", "ddim", "dpmpp_2m", "pndm")  # diffusers keeps VP latents; Euler keeps VE
 # Parity tolerance: 1e-5 of the largest |latent|. Measured: Euler, Euler ancestral and Heun are
 # bitwise equal (same float32 operations in the same order; with Karras sigmas <= 1e-7, from the
-# timesteps below); DDPM, DDIM, DPM-Solver++ <= 1.3e-6 (they step in VP form, we in VE form).
+# timesteps below); DDPM, DDIM, DPM-Solver++, PNDM <= 1.3e-6 (they step in VP form, we in VE
+# form), except where the first step starts at alpha_bar ~ 0: PNDM from t = 999 of the cosine
+# schedule (sigma = 2e4) or in one trailing step, where diffusers is 6e-6 to 9e-6 off a float64
+# run, we 4e-6 to 6e-6, and the two 4e-6 to 7.5e-6 apart.
 PARITY_RTOL = 1e-5
 # With Karras sigmas diffusers takes log(sigma) with numpy's float32 log, which on SIMD machines
 # is not correctly rounded (~5% of entries differ from torch.log by 1 ulp); that moves the
@@ -55,7 +58,9 @@ def standin_model(cfg: ScheduleConfig):
 def diffusers_scheduler(name: str, cfg: ScheduleConfig, karras: bool = False):
     cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[name])
     kw = {k: v for k, v in cfg.to_diffusers(cls.__name__).items() if k != "_class_name"}
-    return cls(**kw, **({"use_karras_sigmas": True} if karras else {}))
+    kw.update({"use_karras_sigmas": True} if karras else {})
+    kw.update({"skip_prk_steps": True} if name == "pndm" else {})  # PLMS only, as SD 1.x sets
+    return cls(**kw)
 
 
 def diffusers_loop(sched, model, latents, generator, eta=0.0, timesteps=None):
@@ -79,7 +84,7 @@ def our_loop(name, steps, model, x, generator, eta=0.0, prediction_type="epsilon
         ts.append(float(t))
         return model(x_in, t)
 
-    def callback(i, x):  # diffusers' latents: VP for DDPM/DDIM/DPM-Solver, VE for the others
+    def callback(i, x):  # diffusers' latents: VP for DDPM/DDIM/DPM-Solver/PNDM, VE for the rest
         scale = (steps.sigmas[i + 1] ** 2 + 1) ** 0.5 if name in VP_STATE else 1.0
         states.append(x / scale)
 
@@ -147,14 +152,23 @@ def test_parity_with_diffusers_zero_snr_trailing(name):
         run_parity(name, PRESETS["zero_snr"], n, bitwise=name in ("euler", "euler_ancestral"))
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "heun"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "heun", "pndm"])
 def test_parity_with_clip_sample_and_alpha_to_one(name):
     cfg = ScheduleConfig(clip_sample=True, set_alpha_to_one=True)  # diffusers' DDIM defaults
-    run_parity(name, cfg, 10, eta=1.0, bitwise=name == "heun")
+    run_parity(name, cfg, 10, eta=1.0, bitwise=name == "heun")  # PNDM has no clip_sample
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_pndm_short_runs_match_diffusers(prediction_type):
+    """1 step (Euler only), 2 (Euler + the corrector), 3 (+ 2nd-order Adams-Bashforth)."""
+    for n in (1, 2, 3):
+        run_parity("pndm", replace(PRESETS["sd15"], prediction_type=prediction_type), n)
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
-@pytest.mark.parametrize("name, karras", [("ddim", False), ("euler", True), ("dpmpp_2m", True)])
+@pytest.mark.parametrize(
+    "name, karras", [("ddim", False), ("euler", True), ("dpmpp_2m", True), ("pndm", False)]
+)
 def test_parity_with_other_beta_schedules(name, karras, beta_schedule):
     cfg = ScheduleConfig(beta_schedule=beta_schedule, beta_start=0.0001, beta_end=0.02)
     for spacing in ("leading", "linspace"):
@@ -184,10 +198,16 @@ def test_zero_snr_ddim_with_eta_stays_finite():
     assert bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
-def test_img2img_tail_matches_diffusers(name):
+def _img2img_cases():
+    for name in SAMPLERS:  # PNDM restarts its second call one stride up: not t_0 in linspace
+        for spacing in ("leading", "linspace") if name == "pndm" else ("leading",):
+            yield pytest.param(name, spacing, id=f"{name}-{spacing}")
+
+
+@pytest.mark.parametrize("name, spacing", list(_img2img_cases()))
+def test_img2img_tail_matches_diffusers(name, spacing):
     """steps.tail + steps.add_noise reproduce img2img's timesteps[t_start*order:] + add_noise."""
-    cfg = PRESETS["sd21"]
+    cfg = replace(PRESETS["sd21"], timestep_spacing=spacing)
     n, strength = 10, 0.6
     t_start = n - int(n * strength)
     model = standin_model(cfg)
@@ -203,7 +223,7 @@ def test_img2img_tail_matches_diffusers(name):
     ref = diffusers_loop(sched, model, noisy, g, timesteps=timesteps)
 
     steps = make_steps(name, cfg, n).tail(t_start)
-    assert len(steps) == n - t_start
+    assert len(steps) == (n + 1 if name == "pndm" else n) - t_start  # PNDM: n + 1 timesteps
     g = torch.Generator().manual_seed(0)
     x = steps.add_noise(x0, randn(SHAPE, g), 0)
     ours = our_loop(name, steps, model, x, g, prediction_type=cfg.prediction_type)
@@ -234,18 +254,20 @@ def test_timesteps_and_sigmas_match_set_timesteps(name, spacing):
             if name == "heun":  # [t0, t1, t1, t2, t2, ...] and [s0, s1, s1, ..., 0]
                 ts, sig = torch.cat([ts[:1], ts[1::2]]), torch.cat([sig[:1], sig[1::2]])
             steps = make_steps(name, cfg, n, use_karras_sigmas=karras)
-            assert len(steps) == n
+            calls = n + 1 if name == "pndm" and n > 1 else n  # PNDM repeats its 2nd timestep
+            assert len(steps) == calls
             # numpy's float arange gives diffusers an extra last timestep -1 for some n under
             # trailing spacing (e.g. 61); we drop it (the other steps are unchanged).
             if spacing == "trailing" and len(np.arange(1000, 0, -1000 / n)) > n:
                 if karras and name != "dpmpp_2m":
                     continue  # diffusers then takes sigma_min from t = -1: sigma(0)
                 if not karras:  # (DPM-Solver's Karras levels ignore the spacing)
-                    assert len(ts) == n + 1 and ts[-1].item() == -1
-                    ts, sig = ts[:n], None if sig is None else torch.cat([sig[:n], sig[-1:]])
+                    assert len(ts) == calls + 1 and ts[-1].item() == -1
+                    ts = ts[:calls]
+                    sig = None if sig is None else torch.cat([sig[:calls], sig[-1:]])
             atol = KARRAS_T_ATOL if karras and name != "dpmpp_2m" else 0.0
             assert torch.allclose(steps.timesteps.double(), ts, rtol=0, atol=atol), n
-            if name in ("ddpm", "ddim"):
+            if name in ("ddpm", "ddim", "pndm"):
                 continue  # no sigmas in diffusers; the loop parity covers their alpha_bar
             assert torch.equal(steps.sigmas, sig.float()), n
             if name not in VP_STATE:
@@ -260,6 +282,9 @@ def test_steps_pin_sd15_defaults():
     euler = make_steps("euler", PRESETS["sd15"], 50)
     assert euler.init_noise_sigma == pytest.approx((euler.sigmas[0].item() ** 2 + 1) ** 0.5)
     assert euler.sigmas[-1].item() == 0.0
+    pndm = make_steps("pndm", PRESETS["sd15"], 50)  # the second timestep runs twice
+    assert len(pndm) == 51 and pndm.timesteps[:4].tolist() == [981.0, 961.0, 961.0, 941.0]
+    assert pndm.timesteps[-1].item() == 1.0 and torch.equal(pndm.sigmas[-1], steps.sigmas[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +332,14 @@ GAUSSIAN_CASES = [
     ("euler_ancestral", "v_prediction", 0.0, 0.045),  # (3.1%)
     ("heun", "v_prediction", 0.0, 0.007),  # (0.42%)
     ("dpmpp_2m", "epsilon", 0.0, 0.007),  # (0.41%)
+    # PNDM's error changes sign near 100 steps on the SD schedule (-0.057% at 50, +0.009% at
+    # 200; 0.013% at 100 on the linear one): the budget is set from those, not the 0.002% here.
+    ("pndm", "epsilon", 0.0, 0.001),  # (0.0016%)
+    ("pndm", "sample", 0.0, 0.001),  # (0.0016%: it extrapolates eps, as for eps models)
 ]
+# Not PNDM with v_prediction: it extrapolates v (as diffusers does), and with S = 1 the exact
+# v = -sqrt(1 - alpha_bar) MU does not depend on x, so the spread evolves exactly as under DDIM
+# (and the mean carries the extrapolation error of that function of t); parity covers it.
 
 
 def check_gaussian_moments(name, prediction_type, eta, budget, steps, x, init_bias=0.0):
@@ -333,7 +365,9 @@ def test_gaussian_data_moments_sd_schedule(name, prediction_type, eta, budget):
     check_gaussian_moments(name, prediction_type, eta, budget, steps, x)
 
 
-@pytest.mark.parametrize("name, prediction_type, eta, budget", GAUSSIAN_CASES)
+@pytest.mark.parametrize(  # PNDM refuses zero SNR (test_bad_input_raises_clear_errors)
+    "name, prediction_type, eta, budget", [c for c in GAUSSIAN_CASES if c[0] != "pndm"]
+)
 def test_gaussian_data_moments_zero_snr_from_pure_noise(name, prediction_type, eta, budget):
     """Start as the pipeline does, x = noise * init_noise_sigma; zero SNR makes that exact."""
     if prediction_type == "epsilon":  # eps cannot give x0 at SNR = 0 (Lin et al. 2023, Sec. 3.2)
@@ -457,8 +491,11 @@ def test_bad_input_raises_clear_errors():
     for bad in (0, 1001, 2.5):
         with pytest.raises(ValueError, match=r"num_steps must be an int in \[1, 1000\]"):
             make_steps("ddim", cfg, bad)
-    with pytest.raises(ValueError, match="use_karras_sigmas is supported for samplers"):
-        make_steps("ddim", cfg, 10, use_karras_sigmas=True)
+    for name in ("ddim", "pndm"):
+        with pytest.raises(ValueError, match="use_karras_sigmas is supported for samplers"):
+            make_steps(name, cfg, 10, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr=True is not supported by .*pndm"):
+        make_steps("pndm", PRESETS["zero_snr"], 10)
     with pytest.raises(ValueError, match="config must be a ScheduleConfig"):
         make_steps("ddim", cfg.to_diffusers(), 10)
     steps = make_steps("ddim", cfg, 10)

@@ -307,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="guidance scale of the validation images (default: 5.0)",
     )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        default=None,
+        help="upload the trained pipeline and its model card to this Hub repo (token: "
+        "HF_TOKEN or the saved login)",
+    )
     return parser
 
 
@@ -359,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             validation_images=args.validation_images,
             validation_steps=args.validation_steps,
             validation_guidance=args.validation_guidance,
+            push_to_hub=args.push_to_hub,
         )
         train(config)
 

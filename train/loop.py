@@ -284,6 +284,7 @@ class TrainConfig:
     validation_steps: int = 25
     validation_guidance: float = 5.0
     save_sampler: str = "ddim"  # the scheduler written into a from-scratch model folder
+    push_to_hub: str | None = None  # a Hub repo id to upload the result to
 
     def __post_init__(self):
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
@@ -499,6 +500,24 @@ def _bucket_names(T: int) -> list[str]:
     return [f"loss_t{lo:04d}-{hi - 1:04d}" for lo, hi in zip(edges[:-1], edges[1:])]
 
 
+def write_card(cfg: TrainConfig, output: Path, size: int) -> None:
+    """The model card (README.md): training settings, data size and hash, the last grid."""
+    from pipelines.model_card import dataset_hash, write_model_card
+
+    data = Path(cfg.data.data)
+    dataset = {"size": size, "description": f"captioned images from {data.name or data}"}
+    if data.is_dir():
+        dataset["content_hash"] = dataset_hash(data)
+    grids = sorted((output / "validation").glob("step-*.png"))
+    samples = [(str(grids[-1].relative_to(output)), " | ".join(cfg.validation_prompts))] \
+        if grids else None
+    training = {k: v for k, v in asdict(cfg.run).items() if k not in ("output", "resume")}
+    training |= {k: getattr(cfg, k) for k in ("prediction_type", "snr_gamma", "offset_noise",
+                                             "caption_dropout", "ema_decay", "train_text_encoder")}
+    base = None if scratch_preset_name(cfg.model) else cfg.model
+    write_model_card(output, base_model=base, training=training, dataset=dataset, samples=samples)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train per `cfg`; returns the output folder, which holds the trained pipeline."""
     run = cfg.run
@@ -660,7 +679,12 @@ def train(cfg: TrainConfig) -> Path:
                 parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.sampler
             )
             pipe.save_pretrained(output)
+        write_card(cfg, output, len(dataset))
         logger.info("saved the trained pipeline to %s", output)
+        if cfg.push_to_hub:
+            from pipelines.hub import push_folder
+
+            logger.info("pushed to %s", push_folder(output, cfg.push_to_hub))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output
