@@ -92,6 +92,14 @@ class DiffusionPipeline:
         return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
                            commit_message=commit_message)
 
+    def compile(self, mode: str = "max-autotune-no-cudagraphs", *, cuda_graph: bool = False):
+        """torch.compile the U-Net in place (fused QKV, channels_last); optionally replay it from
+        CUDA graphs (fixed shapes only)."""
+        from pipelines.speed import compile_unet, cuda_graph_unet
+
+        compile_unet(self, mode)
+        return cuda_graph_unet(self) if cuda_graph else self
+
     def to(self, device=None, dtype: torch.dtype | None = None):
         """Move every component (in place) and return self."""
         self.unet.to(device=device, dtype=dtype)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The device machine's entry point for bench/gpu.py: CUDA correctness, speed against diffusers,
+# the FLOP bound; one table at the end, in about 6 minutes on an H100.
+#
+# The machine's image has torch, transformers, safetensors, Pillow, numpy, regex, tqdm and
+# huggingface_hub, but neither diffusers (the reference) nor open_clip (which ships the CLIP BPE
+# vocabulary our offline tokenizer reads); both are pure-Python wheels carried in .whl/.
+# Our .venv cannot travel (CPU torch, far over the 64 MiB limit) and nothing is installed from
+# the repo: PYTHONPATH=<repo root> makes ldm/, autoencoder/, text_encoder/, pipelines/ importable.
+#
+# Once, here, in the repo root (versions: the ones the tests use; diffusers 0.42 needs
+# huggingface_hub >= 1.32, which the image has):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       diffusers==0.42.1 open_clip_torch==3.3.0
+# Then, with the device tool, one call (H100; leave kind out):
+#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)
+# gpu.py's default budget is 400 s (its alarm stops it at 430 s); with the machine's start
+# (1-2 min) that spends about 9 of a task's 15 device-minutes. What is left fits one rerun
+# without the compiled configurations:
+#   run(command="bash bench/gpu.sh --no-compile --budget 200", carry=[".whl"], timeout_s=300)
+# and then give_back.
+# Its files come back from $OUT: gpu_bench.json (measurements, written after every stage) and
+# gpu_bench.log. Here, put the run into BENCHMARKS.md with:
+#   .venv/bin/python bench/gpu.py --from-json <files_at>/gpu_bench.json --write
+#
+# Arguments are passed on to gpu.py (e.g. --budget 300, --no-compile,
+# --compile-mode max-autotune-no-cudagraphs). Exit status: gpu.py's (1 if a check failed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD:$PYTHONPATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/gpu_bench}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+"$PYTHON" bench/gpu.py --json "$out/gpu_bench.json" "$@" 2>&1 | tee "$out/gpu_bench.log"

@@ -1,0 +1,102 @@
+"""bench/gpu.py runs end to end at its CPU smoke size, so it cannot rot between GPU sessions.
+
+One run (tiny models, a few seconds of work) feeds every test: the table is printed, every
+correctness row passes, the speed configurations were measured, and --json / --write /
+--from-json round-trip into a BENCHMARKS.md section without touching the rest of the file.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu.py"
+START, END = "<!-- bench/gpu.py: start -->", "<!-- bench/gpu.py: end -->"
+HEADER = "| section | check | result | target | status |"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_bench")
+    bench = tmp / "BENCHMARKS.md"
+    bench.write_text("# Benchmarks\n\n## Someone else's section\n\nkept as it is\n")
+    proc = _run("--smoke", "--json", str(tmp / "run.json"), "--write",
+                "--benchmarks-file", str(bench))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads((tmp / "run.json").read_text()), bench
+
+
+def test_prints_one_table_with_every_section(smoke):
+    proc, _, _ = smoke
+    assert proc.stdout.count(HEADER) == 1
+    table = proc.stdout.split(HEADER, 1)[1]
+    for section in ("correctness", "FLOP bound", "speed", "targets"):
+        assert f"\n| {section} |" in table, section
+
+
+def test_correctness_rows_all_pass(smoke):
+    _, data, _ = smoke
+    rows = [r for r in data["rows"] if r["section"] == "correctness"]
+    assert all(r["status"] in ("ok", "skip") for r in rows), [
+        r for r in rows if r["status"] != "ok"
+    ]
+    passed = {r["check"] for r in rows if r["status"] == "ok"}
+    # what must run on any device; only xformers (CUDA-only) may be skipped
+    for needle in ("U-Net cpu float32", "U-Net cpu float16", "U-Net cpu bfloat16",
+                   "attention sdpa vs math", "attention sliced vs math", "fused QKV",
+                   "VAE decode cpu float16", "pipeline", "NaN guard", "ours vs diffusers image",
+                   "U-Net compiled"):  # fmt: skip
+        assert any(needle in check for check in passed), needle
+    skipped = [r["check"] for r in rows if r["status"] == "skip"]
+    assert all("xformers" in check for check in skipped), skipped
+    assert not any(r["status"] in ("FAIL", "error") for r in data["rows"])
+
+
+def test_speed_and_flop_bound_measured(smoke):
+    _, data, _ = smoke
+    speed = data["speed"]
+    assert {"ours, eager", "diffusers, eager", "ours, compiled (default)",
+            "diffusers, compiled (default)"} <= set(speed)  # fmt: skip
+    for result in speed.values():
+        assert result["it_s"] > 0 and result["s_image"] > 0
+        assert 0 < result["bound_fraction"] < 1  # slower than the matmul-rate bound
+    flops = data["flops"]
+    steps = data["meta"]["config"]["steps"]
+    assert flops["per_image"] == flops["unet_call_batch1"] * 2 * steps + flops["decode"]
+    assert flops["unet_call_batch1"] > 0 and data["matmul_flops_per_s"] > 0
+
+
+def test_write_replaces_only_its_section(smoke, tmp_path):
+    _, data, bench = smoke
+    text = bench.read_text()
+    assert text.startswith("# Benchmarks\n\n## Someone else's section\n\nkept as it is\n")
+    assert text.count(START) == text.count(END) == 1 and HEADER in text
+    # rendering the saved run again replaces the section instead of adding one
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(data))
+    again = _run("--from-json", str(saved), "--write", "--benchmarks-file", str(bench))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert bench.read_text() == text
+
+
+def test_failed_row_gives_exit_status_1(smoke, tmp_path):
+    _, data, _ = smoke
+    data = dict(data, rows=data["rows"] + [dict(section="correctness", check="x", result="y",
+                                                target="z", status="FAIL")])  # fmt: skip
+    saved = tmp_path / "failed.json"
+    saved.write_text(json.dumps(data))
+    proc = _run("--from-json", str(saved))
+    assert proc.returncode == 1 and "| correctness | x | y | z | FAIL |" in proc.stdout
