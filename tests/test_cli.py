@@ -174,3 +174,25 @@ def test_convert_round_trip_and_diffusers_reads_our_single_file(model, tmp_path)
     c.progress = False
     got = c(**call, sampler="ddim", generator=torch.Generator().manual_seed(0)).images
     assert np.abs(got - expected).max() < 1e-4
+
+
+def test_corrupt_and_malicious_checkpoints_give_one_line_errors(model, tmp_path):
+    good = tmp_path / "good.safetensors"
+    ldm("convert", model, good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    out = ldm("generate", "x", "-m", truncated, "-o", tmp_path / "t.png", check=False)
+    assert out.returncode != 0 and "truncated.safetensors" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+    marker = tmp_path / "pwned"
+
+    class Payload:  # a pickle that would create a file when loaded
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": Payload()}}, evil)
+    out = ldm("generate", "x", "-m", evil, "-o", tmp_path / "e.png", check=False)
+    assert out.returncode != 0 and "evil.ckpt" in out.stderr and "Traceback" not in out.stderr
+    assert not marker.exists()

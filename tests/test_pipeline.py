@@ -92,6 +92,21 @@ def test_text_to_image_matches_diffusers_sd1(sd1_folder, sampler):
     _assert_close(got, expected)
 
 
+@pytest.fixture(scope="module")
+def sd2v_leading_folder(tmp_path_factory):
+    config = dict(SD_SCHEDULER, prediction_type="v_prediction")  # SD 2.x 768-v's scheduler
+    return _save_reference(tmp_path_factory.mktemp("sd2v-leading"), "sd2", config)
+
+
+@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+def test_text_to_image_matches_diffusers_sd2_v(sd2v_leading_folder, sampler):
+    ref = _reference(sd2v_leading_folder, scheduler=sampler)
+    expected = ref(**CALL, generator=torch.Generator().manual_seed(2)).images
+    ours = _ours(TextToImagePipeline, sd2v_leading_folder)
+    got = ours(**CALL, sampler=sampler, generator=torch.Generator().manual_seed(2)).images
+    _assert_close(got, expected)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
 def test_text_to_image_matches_diffusers_sd2_v_zero_snr(sd2v_folder, sampler):
     ref = _reference(sd2v_folder, scheduler=sampler)
