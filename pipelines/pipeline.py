@@ -92,6 +92,19 @@ class DiffusionPipeline:
         return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
                            commit_message=commit_message)
 
+    def load_lora(self, source, scale: float = 1.0, *, adapter_name: str | None = None,
+                  weight_name: str | None = None) -> str:
+        """Merge LoRA weights (diffusers/peft or kohya/A1111 keys) at `scale`; returns its name."""
+        from pipelines.lora import load_lora
+
+        return load_lora(self, source, scale, adapter_name=adapter_name, weight_name=weight_name)
+
+    def unload_lora(self, adapter_name: str | None = None) -> None:
+        """Remove one LoRA (or all), restoring the original weights exactly."""
+        from pipelines.lora import unload_lora
+
+        unload_lora(self, adapter_name)
+
     def compile(self, mode: str = "max-autotune-no-cudagraphs", *, cuda_graph: bool = False):
         """torch.compile the U-Net in place (fused QKV, channels_last); optionally replay it from
         CUDA graphs (fixed shapes only)."""

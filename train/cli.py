@@ -2,6 +2,8 @@
 
     ldm train --model runwayml/stable-diffusion-v1-5 --data ./my_images --output ./out
     ldm train --model preset:small --vae ./vae --data ./shapes --output ./model --max-steps 20000
+    ldm train --model ./sd15 --data ./photos --output ./lora --lora-rank 8 --buckets \
+        --cache-latents --cache-text --learning-rate 1e-4
     accelerate launch --num_processes 4 -m ldm_cli train ...     (multi-GPU, unchanged flags)
 
 The heavy modules (accelerate, datasets, transformers) load only once the arguments parse, so
@@ -83,6 +85,68 @@ def add_data_args(parser: argparse.ArgumentParser, captions: bool = True) -> Non
         help="data loading worker processes (default: 0, in the main process)",
     )
     parser.set_defaults(crop="center")
+
+
+def add_bucket_args(parser: argparse.ArgumentParser) -> None:
+    """Aspect-ratio buckets (train/buckets.py)."""
+    g = parser.add_argument_group("aspect-ratio buckets")
+    g.add_argument(
+        "--buckets",
+        action="store_true",
+        help="resize each image to the nearest in aspect ratio of a set of shapes of about "
+        "--resolution² pixels (trimming only the small difference in aspect ratio) instead of "
+        "cropping a square; each batch comes from one bucket, every image once per epoch",
+    )
+    g.add_argument(
+        "--bucket-multiple",
+        type=int,
+        default=None,
+        help="bucket sides are multiples of this (default: the model's size multiple, 64 for "
+        "Stable Diffusion)",
+    )
+    g.add_argument(
+        "--bucket-max-ratio",
+        type=float,
+        default=2.0,
+        help="the most elongated bucket, long side : short side (default: 2.0)",
+    )
+
+
+def add_lora_and_cache_args(parser: argparse.ArgumentParser) -> None:
+    """LoRA instead of full fine-tuning (train/lora.py); the encoder cache (train/cache.py)."""
+    g = parser.add_argument_group("LoRA")
+    g.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="train rank-N LoRA factors of the U-Net's attention projections (and the text "
+        "encoder's, with --train-text-encoder) instead of all weights; the result is "
+        "pytorch_lora_weights.safetensors (default: off, full fine-tuning)",
+    )
+    g.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=None,
+        help="LoRA alpha: the update is scaled by alpha / rank (default: the rank)",
+    )
+    g = parser.add_argument_group("encoder cache")
+    g.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="keep the autoencoder's posterior of each image (and crop) on disk: later epochs "
+        "skip decoding and encoding; results are unchanged (with --random-crop / --random-flip "
+        "each epoch draws new crops, which are encoded again)",
+    )
+    g.add_argument(
+        "--cache-text",
+        action="store_true",
+        help="keep each caption's text-encoder output on disk (not with --train-text-encoder)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="the cache folder, shareable between runs (default: OUTPUT/cache)",
+    )
 
 
 def add_run_args(parser: argparse.ArgumentParser, max_steps: int, lr: float) -> None:
@@ -183,6 +247,9 @@ def data_config(args: argparse.Namespace):
         resize=not args.no_resize,
         strict=args.strict,
         num_workers=args.num_workers,
+        buckets=getattr(args, "buckets", False),
+        bucket_multiple=getattr(args, "bucket_multiple", None),
+        bucket_max_ratio=getattr(args, "bucket_max_ratio", 2.0),
     )
 
 
@@ -274,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         "weights are saved (default: off)",
     )
     add_data_args(parser)
+    add_bucket_args(parser)
+    add_lora_and_cache_args(parser)
     add_run_args(parser, max_steps=1000, lr=1e-5)
     g = parser.add_argument_group("validation")
     g.add_argument(
@@ -367,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
             validation_steps=args.validation_steps,
             validation_guidance=args.validation_guidance,
             push_to_hub=args.push_to_hub,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            cache_latents=args.cache_latents,
+            cache_text=args.cache_text,
+            cache_dir=args.cache_dir,
         )
         train(config)
 

@@ -16,11 +16,18 @@ concatenated into one endless stream and global batch j is stream items [j*B, (j
 B = batch size × number of processes; process p takes its own contiguous slice. Random crops and
 flips are drawn from (seed, e, index). The whole data state is therefore one number, the count
 of global batches consumed, which makes mid-epoch resume exact with any number of workers.
+With aspect-ratio buckets (`buckets=True`, train/buckets.py) images keep their shape and each
+batch comes from one bucket; the order is still a function of (seed, e).
+
+With a latent cache (train/cache.py) each item is keyed by the hash of its image bytes and its
+Transform (sizes, crop box, flip, all drawn before decoding), and a cached item carries the
+autoencoder posterior ("moments") instead of pixels, so it is never decoded.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -32,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from train.buckets import BucketBatchStream, BucketPlan, assign_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +65,9 @@ class DataConfig:
     resize: bool = True  # False: crop at the image's own scale (autoencoders learn from patches)
     strict: bool = False  # unreadable images are fatal instead of skipped
     num_workers: int = 0
+    buckets: bool = False  # aspect-ratio buckets of about resolution² pixels instead of squares
+    bucket_multiple: int | None = None  # bucket sides' multiple; None: the model's size multiple
+    bucket_max_ratio: float = 2.0  # the most elongated bucket, long side : short side
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -64,6 +76,14 @@ class DataConfig:
             raise ValueError(f"resolution={self.resolution} must be a positive multiple of 8")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0")
+        if self.buckets and not self.resize:
+            raise ValueError("buckets=True needs resize=True: buckets resize each image to fit")
+        if self.bucket_multiple is not None and (
+            self.bucket_multiple < 8 or self.bucket_multiple % 8
+        ):
+            raise ValueError(f"bucket_multiple={self.bucket_multiple} must be a multiple of 8")
+        if self.bucket_max_ratio < 1:
+            raise ValueError(f"bucket_max_ratio={self.bucket_max_ratio} must be >= 1")
 
 
 @dataclass
@@ -256,6 +276,28 @@ def open_image(ref) -> Image.Image:
     return ImageOps.exif_transpose(Image.open(_as_file(ref))).convert("RGB")
 
 
+def read_bytes(ref) -> bytes:
+    """The encoded image file behind a path or a datasets {"bytes", "path"} dict."""
+    if isinstance(ref, dict) and ref.get("bytes") is not None:
+        return ref["bytes"]
+    path = ref["path"] if isinstance(ref, dict) else ref
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(w, h) of an opened (not decoded) image as open_image returns it, EXIF rotation applied."""
+    w, h = image.size
+    # EXIF orientations 5-8 turn the image by 90 degrees: exif_transpose swaps the sides
+    return (h, w) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+
+
+def image_size(ref) -> tuple[int, int]:
+    """(w, h) of an image as open_image returns it, read from the file's header only."""
+    with Image.open(_as_file(ref)) as image:
+        return oriented_size(image)
+
+
 def _readable(ref) -> bool:
     try:
         with Image.open(_as_file(ref)) as image:
@@ -299,6 +341,51 @@ def drop_unreadable(records: Records, strict: bool) -> Records:
 # ---- images -> tensors ----
 
 
+@dataclass(frozen=True)
+class Transform:
+    """How one image becomes a training tensor: resize to `size`, crop `box`, maybe mirror."""
+
+    size: tuple[int, int]  # (w, h) after resizing: the image's own size when it is kept
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) in the resized image
+    flip: bool
+
+    def describe(self) -> str:
+        """A stable text form, part of the latent cache key."""
+        return f"bicubic {self.size[0]}x{self.size[1]} box {self.box} flip {self.flip}"
+
+
+def plan_transform(
+    size: tuple[int, int],
+    target: tuple[int, int],
+    crop: str,
+    flip: bool,
+    rng: np.random.Generator | None,
+    resize: bool = True,
+) -> Transform:
+    """Scale (w, h) to cover target (unless `resize` is off and the image already covers it),
+    then choose the target-sized crop (centre or random) and the flip, drawing from rng."""
+    (w, h), (tw, th) = size, target
+    scale = max(tw / w, th / h) if resize or w < tw or h < th else 1.0
+    w, h = max(tw, round(w * scale)), max(th, round(h * scale))
+    if crop == "random":
+        left, top = int(rng.integers(0, w - tw + 1)), int(rng.integers(0, h - th + 1))
+    else:
+        left, top = (w - tw) // 2, (h - th) // 2
+    mirror = bool(flip and rng.random() < 0.5)
+    return Transform((w, h), (left, top, left + tw, top + th), mirror)
+
+
+def apply_transform(image: Image.Image, transform: Transform) -> torch.Tensor:
+    """Resize, crop and maybe mirror an RGB image: (3, h, w) in [-1, 1]."""
+    if transform.size != image.size:
+        image = image.resize(transform.size, Image.Resampling.BICUBIC)
+    image = image.crop(transform.box)
+    if transform.flip:
+        image = ImageOps.mirror(image)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float() / 127.5 - 1.0
+
+
 def to_training_tensor(
     image: Image.Image,
     resolution: int,
@@ -309,44 +396,35 @@ def to_training_tensor(
 ) -> torch.Tensor:
     """Resize the short side to `resolution` (unless `resize` is off and the image is at least
     that large), crop a square, maybe flip: (3, r, r) in [-1, 1]."""
-    w, h = image.size
-    scale = resolution / min(w, h) if resize or min(w, h) < resolution else 1.0
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size != (w, h):
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    w, h = size
-    if crop == "random":
-        left, top = (
-            int(rng.integers(0, w - resolution + 1)),
-            int(rng.integers(0, h - resolution + 1)),
-        )
-    else:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return pixels.float() / 127.5 - 1.0
+    plan = plan_transform(image.size, (resolution, resolution), crop, flip, rng, resize)
+    return apply_transform(image, plan)
 
 
 class CaptionedImages(Dataset):
-    """Checked records -> {"pixels": (3, r, r) in [-1, 1], "caption": str} by (index, epoch)."""
+    """Checked records -> {"pixels": (3, h, w) in [-1, 1], "caption": str} by (index, epoch).
+
+    `buckets` (a BucketPlan) gives each image its own (w, h) instead of the square; with
+    `latent_cache` set, items also carry their cache "key", and a cached item carries the
+    posterior "moments" (2C, h/f, w/f) instead of "pixels".
+    """
 
     def __init__(self, records: Records, cfg: DataConfig, seed: int):
         self.records, self.cfg, self.seed = records, cfg, seed
+        self.buckets: BucketPlan | None = None
+        self.latent_cache = None  # a train.cache.EncodingCache of autoencoder posteriors
 
     def __len__(self) -> int:
         return len(self.records.images)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, epoch = key
-        rng = np.random.default_rng([self.seed, epoch, index])
         # An image that passed the check but fails to decode (a truncated JPEG) is replaced by
         # the next one, so the batch keeps its size and the run stays deterministic.
         for offset in range(len(self)):
             i = (index + offset) % len(self)
+            rng = np.random.default_rng([self.seed, epoch, index])
             try:
-                image = open_image(self.records.images[i])
+                return self._item(i, rng)
             except BAD_IMAGE_ERRORS as e:
                 if self.cfg.strict:
                     raise ValueError(
@@ -357,13 +435,41 @@ class CaptionedImages(Dataset):
                     _describe(self.records.images[i]),
                     e,
                 )
-                continue
-            pixels = to_training_tensor(
-                image, self.cfg.resolution, self.cfg.crop, self.cfg.random_flip, rng,
-                self.cfg.resize,
-            )
-            return {"pixels": pixels, "caption": self.records.captions[i]}
         raise ValueError(f"data: no image of {self.records.source} can be decoded")
+
+    def target(self, i: int) -> tuple[int, int]:
+        """The (w, h) of image i's training tensor."""
+        r = self.cfg.resolution
+        return (r, r) if self.buckets is None else self.buckets.target(i)
+
+    def _plan(self, size: tuple[int, int], i: int, rng: np.random.Generator) -> Transform:
+        c = self.cfg
+        return plan_transform(size, self.target(i), c.crop, c.random_flip, rng, c.resize)
+
+    def _item(self, i: int, rng: np.random.Generator) -> dict:
+        ref, caption = self.records.images[i], self.records.captions[i]
+        if self.latent_cache is None:
+            image = open_image(ref)
+            return {"pixels": apply_transform(image, self._plan(image.size, i, rng)),
+                    "caption": caption}  # fmt: skip
+        data = read_bytes(ref)
+        with Image.open(io.BytesIO(data)) as header:  # the header only: no decoding yet
+            plan = self._plan(oriented_size(header), i, rng)
+        key = self.latent_cache.key(hashlib.sha256(data).hexdigest(), plan.describe())
+        cached = self.latent_cache.get(key)
+        if cached is not None:
+            return {"moments": torch.cat([cached["mean"], cached["logvar"]]), "caption": caption,
+                    "key": key}  # fmt: skip
+        image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        return {"pixels": apply_transform(image, plan), "caption": caption, "key": key}
+
+
+def use_buckets(dataset: CaptionedImages, multiple: int) -> BucketPlan:
+    """Give every image its bucket (train/buckets.py); sides multiples of `multiple`."""
+    sizes = [image_size(ref) for ref in dataset.records.images]
+    c = dataset.cfg
+    dataset.buckets = assign_buckets(sizes, c.resolution, multiple, c.bucket_max_ratio)
+    return dataset.buckets
 
 
 def load_dataset(cfg: DataConfig, seed: int, captions: bool = True) -> CaptionedImages:
@@ -418,13 +524,29 @@ def make_loader(
     start: int = 0,
 ) -> DataLoader:
     """An endless DataLoader of this process's batches from global batch `start` on."""
-    stream = BatchStream(len(dataset), batch_size, seed, rank, world, start)
+    if getattr(dataset, "buckets", None) is not None:
+        stream = BucketBatchStream(dataset.buckets.index, batch_size, seed, rank, world, start)
+    else:
+        stream = BatchStream(len(dataset), batch_size, seed, rank, world, start)
     workers = dataset.cfg.num_workers
     return DataLoader(
         dataset,
         batch_sampler=stream,
         num_workers=workers,
+        collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         prefetch_factor=2 if workers else None,
     )
+
+
+def collate(items: list[dict]) -> dict:
+    """One batch: "pixels" stacks the items that have pixels (all, without a latent cache),
+    "moments" the cached posteriors, "cached" says which item is which; lists of the rest."""
+    batch = {k: [item[k] for item in items] for k in items[0] if k not in ("pixels", "moments")}
+    pixels = [item["pixels"] for item in items if "pixels" in item]
+    batch["pixels"] = torch.stack(pixels) if pixels else None
+    moments = [item["moments"] for item in items if "moments" in item]
+    batch["moments"] = torch.stack(moments) if moments else None
+    batch["cached"] = ["moments" in item for item in items]
+    return batch

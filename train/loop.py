@@ -15,6 +15,12 @@ All training randomness (posterior samples, noise, t, caption dropout) comes fro
 torch.Generator per process whose state is checkpointed, and the data order is a function of
 (seed, position) (train/data.py), so a resumed run is bitwise the uninterrupted one on CPU.
 
+Options on top: LoRA instead of full fine-tuning (--lora-rank, train/lora.py: only the low-rank
+factors are trained, checkpointed and saved, as pytorch_lora_weights.safetensors); a disk cache
+of the posteriors and text contexts (--cache-latents / --cache-text, train/cache.py: the
+posterior is cached, not a sample, so the draws above are unchanged); aspect-ratio buckets
+(--buckets, train/buckets.py).
+
 The shared machinery of `ldm train` and `ldm train-vae` (RunConfig, the accelerator and its
 trackers, the LR schedule, writing and restoring checkpoints) is defined first.
 """
@@ -29,6 +35,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +49,9 @@ from tqdm.auto import tqdm
 
 from ldm.schedule import alphas_cumprod, min_snr_weight, offset_noise, q_sample, training_target
 from pipelines.loading import Components
+from train.cache import EncodingCache, batch_posterior, cached_contexts, fingerprint, warn_if_random
 from train.checkpoint import read_checkpoint, write_checkpoint
-from train.data import DataConfig, load_dataset, make_loader
+from train.data import DataConfig, load_dataset, make_loader, use_buckets
 from train.ema import EMA
 
 logger = logging.getLogger(__name__)
@@ -285,6 +293,11 @@ class TrainConfig:
     validation_guidance: float = 5.0
     save_sampler: str = "ddim"  # the scheduler written into a from-scratch model folder
     push_to_hub: str | None = None  # a Hub repo id to upload the result to
+    lora_rank: int | None = None  # train LoRA factors of this rank instead of all weights
+    lora_alpha: float | None = None  # LoRA's alpha (None: the rank, a scale of 1)
+    cache_latents: bool = False  # cache the autoencoder's posteriors on disk
+    cache_text: bool = False  # cache the text contexts on disk (frozen text encoder only)
+    cache_dir: str | None = None  # None: <output>/cache
 
     def __post_init__(self):
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
@@ -302,6 +315,19 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1) (or unset)")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 1 (or unset)")
+        if self.lora_alpha is not None and (self.lora_rank is None or self.lora_alpha <= 0):
+            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0 and needs lora_rank")
+        if self.cache_text and self.train_text_encoder:
+            raise ValueError(
+                "cache_text with train_text_encoder: cached contexts are valid only while the "
+                "text encoder is frozen; drop --cache-text or --train-text-encoder"
+            )
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank is not None
 
 
 def scratch_preset_name(model: str) -> str | None:
@@ -396,6 +422,18 @@ def load_components(cfg: TrainConfig) -> Components:
     return parts
 
 
+def bucket_multiple(data: DataConfig, parts: Components) -> int:
+    """The sides' multiple of the buckets: --bucket-multiple, or the model's size multiple."""
+    need = parts.vae.config.downsample_factor * 2 ** (parts.unet.config.num_levels - 1)
+    multiple = data.bucket_multiple or need
+    if multiple % need:
+        raise ValueError(
+            f"--bucket-multiple {multiple} must be a multiple of the model's size multiple {need} "
+            "(the autoencoder's factor × the U-Net's halvings)"
+        )
+    return multiple
+
+
 def encode_captions(text_encoder, model: torch.nn.Module, captions: list[str]) -> torch.Tensor:
     """Context (B, L, D) through `model`: the text model itself, or its DDP wrapper when trained."""
     batch = text_encoder.tokenize(captions, long_prompt="truncate", weighting=False)
@@ -409,10 +447,16 @@ def encode_captions(text_encoder, model: torch.nn.Module, captions: list[str]) -
 def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """x0 = scaling_factor * (z - shift), z a posterior sample (the mode if generator is None)."""
     # In the autoencoder's own dtype, outside autocast: SD's encoder overflows in float16.
-    posterior = vae.encode(pixels.to(vae.dtype))
+    return posterior_latents(vae, vae.encode(pixels.to(vae.dtype)), generator)
+
+
+def posterior_latents(vae, posterior, generator: torch.Generator | None) -> torch.Tensor:
+    """x0 = scaling_factor * (z - shift) of a posterior sample (the mode if generator is None)."""
     z = posterior.mode() if generator is None else posterior.sample(generator)
     shift = vae.config.shift_factor or 0.0
-    return (z.float() - shift) * vae.config.scaling_factor
+    # The encoder may hand back channels-last memory, a cached posterior is contiguous: the
+    # U-Net's convolutions round differently on the two layouts, so give it one layout always.
+    return ((z.float() - shift) * vae.config.scaling_factor).contiguous()
 
 
 def diffusion_loss(
@@ -492,7 +536,20 @@ def _trained(parts: Components, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
 
 
 def _named_parameters(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
-    return {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters()}
+    """The trained parameters: all of each module's, or its LoRA factors."""
+    return {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters()
+            if p.requires_grad}  # fmt: skip
+
+
+def _caches(cfg: TrainConfig, parts: Components, dataset) -> EncodingCache | None:
+    """Open the latent cache (given to the dataset) and return the text cache, as asked."""
+    folder = Path(cfg.cache_dir or Path(cfg.run.output) / "cache")
+    if cfg.cache_latents:
+        warn_if_random(cfg.data.crop, cfg.data.random_flip)
+        dataset.latent_cache = EncodingCache(folder, "latents", fingerprint(parts.vae)).open()
+    if not cfg.cache_text:
+        return None
+    return EncodingCache(folder, "text", fingerprint(parts.text_encoder.model)).open()
 
 
 def _bucket_names(T: int) -> list[str]:
@@ -514,8 +571,11 @@ def write_card(cfg: TrainConfig, output: Path, size: int) -> None:
     training = {k: v for k, v in asdict(cfg.run).items() if k not in ("output", "resume")}
     training |= {k: getattr(cfg, k) for k in ("prediction_type", "snr_gamma", "offset_noise",
                                              "caption_dropout", "ema_decay", "train_text_encoder")}
+    if cfg.lora:
+        training |= {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha or cfg.lora_rank}
     base = None if scratch_preset_name(cfg.model) else cfg.model
-    write_model_card(output, base_model=base, training=training, dataset=dataset, samples=samples)
+    write_model_card(output, base_model=base, training=training, dataset=dataset, samples=samples,
+                     kind="lora" if cfg.lora else "pipeline")  # fmt: skip
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -528,11 +588,20 @@ def train(cfg: TrainConfig) -> Path:
     # ---- data, model, optimizer ----
     dataset = load_dataset(cfg.data, run.seed)  # first: bad data fails before a model loads
     parts = load_components(cfg)
+    if cfg.data.buckets:
+        use_buckets(dataset, bucket_multiple(cfg.data, parts))
     modules = _trained(parts, cfg)
     parts.vae.to(device).eval().requires_grad_(False)
     parts.text_encoder.model.to(device).requires_grad_(cfg.train_text_encoder)
     parts.text_encoder.model.train(cfg.train_text_encoder)
     parts.unet.to(device).train().requires_grad_(True)
+    text_cache = _caches(cfg, parts, dataset)
+    if cfg.lora:
+        from train.lora import add_lora, load_lora_state, lora_state, save_lora
+
+        lora_alpha = cfg.lora_alpha or cfg.lora_rank
+        for name, module in modules.items():  # freezes the module, adds trainable factors
+            add_lora(name, module, cfg.lora_rank, lora_alpha)
     if cfg.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -553,7 +622,10 @@ def train(cfg: TrainConfig) -> Path:
     if restored is not None:
         tensors, state = restored
         for name, module in modules.items():
-            module.load_state_dict(tensors[name])
+            if cfg.lora:
+                load_lora_state(module, tensors[name])
+            else:
+                module.load_state_dict(tensors[name])
         if ema is not None:
             ema.load_state_dict(tensors["ema"], state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
@@ -561,7 +633,8 @@ def train(cfg: TrainConfig) -> Path:
         step = state["step"]
 
     def checkpoint(at: int) -> None:
-        tensors = {name: m.state_dict() for name, m in modules.items()}
+        tensors = {name: lora_state(m) if cfg.lora else m.state_dict()
+                   for name, m in modules.items()}  # fmt: skip
         state = {
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_schedule.state_dict(),
@@ -603,6 +676,7 @@ def train(cfg: TrainConfig) -> Path:
     buckets = _bucket_names(T)
     sums, counts = torch.zeros(LOSS_BUCKETS), torch.zeros(LOSS_BUCKETS)
     logged_loss, logged_n, tick = 0.0, 0, time.perf_counter()
+    from_cache = items = logged_items = 0
     bar = tqdm(
         total=run.max_steps,
         initial=step,
@@ -613,9 +687,11 @@ def train(cfg: TrainConfig) -> Path:
     while step < run.max_steps:
         for micro in range(accum):
             batch = next(loader)
-            pixels = batch["pixels"].to(device)
-            B = pixels.shape[0]
-            x0 = encode_latents(parts.vae, pixels, generator)
+            posterior = batch_posterior(parts.vae, batch, dataset.latent_cache, device)
+            x0 = posterior_latents(parts.vae, posterior, generator)
+            B = x0.shape[0]
+            from_cache += sum(batch["cached"])
+            items, logged_items = items + B, logged_items + B
             eps = offset_noise(x0, cfg.offset_noise, generator)
             t = torch.randint(0, T, (B,), generator=generator, device=generator.device).to(device)
             drop = torch.rand(B, generator=generator, device=generator.device) < cfg.caption_dropout
@@ -627,7 +703,10 @@ def train(cfg: TrainConfig) -> Path:
                         stack.enter_context(accelerator.no_sync(module))
                 with accelerator.autocast():
                     with torch.set_grad_enabled(cfg.train_text_encoder):
-                        context = encode_captions(parts.text_encoder, text_model, captions)
+                        encode = partial(encode_captions, parts.text_encoder, text_model)
+                        context = (encode(captions) if text_cache is None else
+                                   cached_contexts(text_cache, parts.text_encoder, captions,
+                                                   encode))  # fmt: skip
                     loss, mse = diffusion_loss(
                         unet, x0, eps, t, context, alpha_bar, prediction_type, cfg.snr_gamma
                     )
@@ -658,29 +737,34 @@ def train(cfg: TrainConfig) -> Path:
                 "loss": logged_loss / logged_n,
                 "lr": lr_schedule.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
-                "samples_per_second": logged_n * B * accelerator.num_processes / elapsed,
+                "samples_per_second": logged_items * accelerator.num_processes / elapsed,
             }
             logs |= {name: (s / c).item() for name, s, c in zip(buckets, sums, counts) if c > 0}
             accelerator.log(logs, step=step)
             sums.zero_(), counts.zero_()
-            logged_loss, logged_n = 0.0, 0
+            logged_loss, logged_n, logged_items = 0.0, 0, 0
         if step % run.checkpoint_every == 0 or step == run.max_steps:
             checkpoint(step)
         if step % cfg.validation_every == 0 or step == run.max_steps:
             validate(step)
     bar.close()
+    if cfg.cache_latents:
+        logger.info("latent cache: %d of %d items read from the cache", from_cache, items)
 
-    # ---- the result: a pipeline folder (EMA weights when EMA is on) ----
+    # ---- the result: a pipeline folder or LoRA weights (EMA weights when EMA is on) ----
     if accelerator.is_main_process:
         from pipelines import TextToImagePipeline
 
         with ema.swapped() if ema else contextlib.nullcontext():
-            pipe = TextToImagePipeline(
-                parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.sampler
-            )
-            pipe.save_pretrained(output)
+            if cfg.lora:
+                save_lora(output, modules, cfg.lora_rank, lora_alpha)
+            else:
+                pipe = TextToImagePipeline(
+                    parts.unet, parts.vae, parts.text_encoder, parts.schedule, parts.sampler
+                )
+                pipe.save_pretrained(output)
         write_card(cfg, output, len(dataset))
-        logger.info("saved the trained pipeline to %s", output)
+        logger.info("saved the trained %s to %s", "LoRA" if cfg.lora else "pipeline", output)
         if cfg.push_to_hub:
             from pipelines.hub import push_folder
 
