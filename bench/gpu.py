@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from sections import write_section  # noqa: E402  (bench/, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -408,20 +409,6 @@ def markdown(data: dict, rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's marked section of path, appending it (and the file) if missing."""
-    block = f"{SECTION_START}\n{text}{SECTION_END}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in old and SECTION_END in old:
-        before, rest = old.split(SECTION_START, 1)
-        new = before + block + rest.split(SECTION_END, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    path.write_text(new)
-
-
-# ------------------------------------------------------------------------------------- main
-
 
 def run_all(run: Run) -> None:
     m = run.stage("setup", "build models", "build", lambda: build(run.size))
@@ -487,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(data, rows)
     print("\n" + text, flush=True)
     if args.write:
-        write_section(args.benchmarks_file, text)
+        write_section(args.benchmarks_file, text, SECTION_START, SECTION_END)
         print(f"wrote {args.benchmarks_file}")
     return 1 if any(r.status in ("FAIL", "error") for r in rows) else 0
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from sections import write_section  # noqa: E402  (bench/, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -345,17 +346,6 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-def write_section(path: Path, text: str, start: str = SECTION_START, end: str = SECTION_END):
-    """Replace one of this script's sections of path (between its markers), or append it."""
-    block = f"{start}\n{text}{end}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in old and end in old:
-        before, rest = old.split(start, 1)
-        new = before + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    path.write_text(new)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -378,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         text = markdown([bench_case(name, args) for name in args.cases], args)
         print(text)
         if args.write:
-            write_section(args.benchmarks_file, text)
+            write_section(args.benchmarks_file, text, SECTION_START, SECTION_END)
             print(f"wrote {args.benchmarks_file}")
     if "step" in args.tables:
         with tempfile.TemporaryDirectory() as cache_dir:

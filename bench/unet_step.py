@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from sections import write_section  # noqa: E402  (bench/, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -138,18 +139,6 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of path (between its markers), or append it."""
-    block = f"{SECTION_START}\n{text}{SECTION_END}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in old and SECTION_END in old:
-        before, rest = old.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        new = before + block + after
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    path.write_text(new)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -172,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(rows, args)
     print(text)
     if args.write:
-        write_section(args.benchmarks_file, text)
+        write_section(args.benchmarks_file, text, SECTION_START, SECTION_END)
         print(f"wrote {args.benchmarks_file}")
 
 
