@@ -6,7 +6,8 @@ its newest checkpoint):
   2. vae      `ldm train-vae` on 32x32 crops (preset "shapes": f=4, 4 latent channels)
   3. unet     `ldm train --model preset:shapes` (U-Net + a small CLIP text encoder from scratch)
   4. eval     GenEval-style accuracy on held-out prompts and autoencoder PSNR on held-out images
-  5. install  the pipeline folder copied to pipelines/default_model (with --install)
+  5. samples  a captioned grid of sample images (samples.png) and the model card
+  6. install  the pipeline folder copied to pipelines/default_model (with --install)
 """
 
 from __future__ import annotations
@@ -14,9 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import textwrap
 from pathlib import Path
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SAMPLER = 20, 4.0, "dpmpp_2m"
+STAGES = ("data", "vae", "unet", "eval", "samples")
+SAMPLE_PROMPTS = (
+    "a red circle on the left",
+    "a large blue square",
+    "a small yellow triangle at the top",
+    "a green cross on the right",
+    "a red circle to the left of a blue square",
+    "a white triangle above a black circle",
+    "a purple square and an orange circle",
+    "two green circles",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts to score")
-    p.add_argument("--stages", default="data,vae,unet,eval", help="comma-separated stages to run")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run")
     p.add_argument("--install", action="store_true",
                    help="copy the result to pipelines/default_model (the shipped model)")
     return p
@@ -125,6 +138,44 @@ def stage_eval(work: Path, args) -> dict:
     return result
 
 
+def stage_samples(work: Path, args) -> Path:
+    """samples.png: one image per prompt (seed 0) with its prompt underneath; the model card."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from pipelines import TextToImagePipeline
+    from pipelines.model_card import dataset_hash, write_model_card
+
+    folder = work / "pipeline"
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    pipe.progress = False
+    cell, text_h, cols = 128, 28, 4
+    rows = -(-len(SAMPLE_PROMPTS) // cols)
+    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, prompt in enumerate(SAMPLE_PROMPTS):
+        image = pipe(prompt, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        grid.paste(image.resize((cell, cell), Image.NEAREST), (x, y))
+        lines = textwrap.wrap(prompt, 22)[:2]  # what fits under a cell in the default font
+        draw.multiline_text((x + 2, y + cell + 1), "\n".join(lines), fill="black", spacing=1)
+    grid.save(folder / "samples.png")
+    data = work / "shapes-train"
+    write_model_card(
+        folder,
+        training={"unet_steps": args.unet_steps, "vae_steps": args.vae_steps,
+                  "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                  "recipe": "ldm train-default"},
+        dataset={"size": args.images, "content_hash": dataset_hash(data),
+                 "description": "synthetic coloured shapes with compositional captions "
+                                "(train/shapes.py, train split)"},
+        samples=[("samples.png", " | ".join(SAMPLE_PROMPTS))],
+        license="apache-2.0",
+    )
+    return folder / "samples.png"
+
+
 def install(work: Path) -> Path:
     from pipelines.loading import DEFAULT_MODEL
 
@@ -140,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     stages = {s.strip() for s in args.stages.split(",")}
-    unknown = stages - {"data", "vae", "unet", "eval"}
+    unknown = stages - set(STAGES)
     if unknown:
-        raise SystemExit(f"--stages: unknown {sorted(unknown)}; allowed: data, vae, unet, eval")
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; allowed: {', '.join(STAGES)}")
     for name, fn in (("data", stage_data), ("vae", stage_vae), ("unet", stage_unet),
-                     ("eval", stage_eval)):
+                     ("eval", stage_eval), ("samples", stage_samples)):
         if name in stages:
             fn(work, args)
     if args.install:
