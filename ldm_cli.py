@@ -10,7 +10,10 @@ import sys
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
 COMMANDS = {
     "generate": ("pipelines.cli", "make images from a text prompt (default model, offline)"),
-    "convert": ("pipelines.cli_convert", "convert between a diffusers folder and one .safetensors file"),
+    "convert": (
+        "pipelines.cli_convert",
+        "convert between a diffusers folder and one .safetensors file",
+    ),
     "push": ("pipelines.cli_push", "upload a saved model folder to the Hugging Face Hub"),
     "train": ("train.cli", "train or fine-tune a text-to-image model on captioned images"),
     "train-vae": ("train.cli_vae", "train the KL autoencoder from scratch"),
@@ -34,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"ldm: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"ldm: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr
+        )
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)

@@ -70,12 +70,34 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_NUM_THREADS"] = str(args.threads)
     tmp = Path(tempfile.mkdtemp())
     ours_png, ref_png = tmp / "ours.png", tmp / "diffusers.png"
-    ours_cmd = [sys.executable, "-m", "ldm_cli", "generate", PROMPT, "-o", str(ours_png),
-                "--steps", str(steps), "--guidance", str(guidance), "--seed", "0", "--quiet"]
+    ours_cmd = [
+        sys.executable,
+        "-m",
+        "ldm_cli",
+        "generate",
+        PROMPT,
+        "-o",
+        str(ours_png),
+        "--steps",
+        str(steps),
+        "--guidance",
+        str(guidance),
+        "--seed",
+        "0",
+        "--quiet",
+    ]
     if args.model:
         ours_cmd += ["-m", str(folder)]
-    ref_cmd = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), str(ref_png), str(steps),
-               str(guidance), PROMPT]
+    ref_cmd = [
+        sys.executable,
+        "-c",
+        DIFFUSERS_SCRIPT,
+        str(folder),
+        str(ref_png),
+        str(steps),
+        str(guidance),
+        PROMPT,
+    ]
     times = {"ours": [], "diffusers": []}
     timed(ours_cmd, env), timed(ref_cmd, env)  # warm the file cache for both
     for _ in range(args.trials):
@@ -91,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.shape[1]}×{a.shape[0]} image; wall time of the whole process (imports, load, "
         f"sampling, decode, PNG), median of {args.trials} alternating trials on "
         f"{os.cpu_count()} CPU cores"
-        + (f", OMP_NUM_THREADS={args.threads}" if args.threads else "") + ".\n\n"
+        + (f", OMP_NUM_THREADS={args.threads}" if args.threads else "")
+        + ".\n\n"
         "| | ours: `ldm generate` | diffusers: `StableDiffusionPipeline` | diffusers / ours |\n"
         "|---|---|---|---|\n"
         f"| median seconds | {med['ours']:.2f} | {med['diffusers']:.2f} | "

@@ -409,7 +409,6 @@ def markdown(data: dict, rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-
 def run_all(run: Run) -> None:
     m = run.stage("setup", "build models", "build", lambda: build(run.size))
     if m is None:

@@ -1,12 +1,7 @@
-"""Pipelines: text->image, image->image and inpainting; model formats; the `ldm generate` command."""
+"""Pipelines: text->image, image->image and inpainting; model formats; `ldm generate`."""
 
-from pipelines.pipeline import (
-    DiffusionPipeline,
-    ImageToImagePipeline,
-    InpaintPipeline,
-    PipelineOutput,
-    TextToImagePipeline,
-)
+from pipelines.image_to_image import ImageToImagePipeline, InpaintPipeline
+from pipelines.pipeline import DiffusionPipeline, PipelineOutput, TextToImagePipeline
 
 __all__ = [
     "DiffusionPipeline",

@@ -19,29 +19,59 @@ DTYPES = ("float32", "float16", "bfloat16")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm generate", description=__doc__.split("\n")[0])
     p.add_argument("prompt", nargs="?", help="what to draw")
-    p.add_argument("-o", "--output", default="out.png", help="PNG path (default: out.png); with "
-                   "--count N > 1, files are named STEM-0.png ... STEM-(N-1).png")
-    p.add_argument("-m", "--model", default=None, help="diffusers folder, .safetensors/.ckpt file "
-                   "or Hub id (default: the embedded default model)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="out.png",
+        help="PNG path (default: out.png); with "
+        "--count N > 1, files are named STEM-0.png ... STEM-(N-1).png",
+    )
+    p.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="diffusers folder, .safetensors/.ckpt file "
+        "or Hub id (default: the embedded default model)",
+    )
     p.add_argument("-n", "--negative-prompt", default=None, help="what to steer away from")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 30, or the "
-                   "model's own default)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
-                   "(default: 7.5, or the model's own default)")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_ancestral, heun, "
-                   "dpmpp_2m, pndm (default: the model's scheduler)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default: 30, or the model's own default)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: 7.5, or the model's own default)",
+    )
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help="ddpm, ddim, euler, euler_ancestral, heun, "
+        "dpmpp_2m, pndm (default: the model's scheduler)",
+    )
     p.add_argument("--karras", action="store_true", default=None, help="Karras sigma spacing")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
     p.add_argument("--count", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels")
     p.add_argument("--width", type=int, default=None, help="image width in pixels")
-    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
-                   help="for single-file v-prediction checkpoints")
+    p.add_argument(
+        "--prediction-type",
+        default=None,
+        choices=("epsilon", "v_prediction"),
+        help="for single-file v-prediction checkpoints",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
-    p.add_argument("--replay", metavar="PNG", default=None,
-                   help="re-make the image stored in PNG from its embedded parameters")
+    p.add_argument(
+        "--replay",
+        metavar="PNG",
+        default=None,
+        help="re-make the image stored in PNG from its embedded parameters",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -49,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 def weights_hash(source: str) -> str:
     """sha256 over the weight files of a model folder or file (names and bytes)."""
     path = Path(source)
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt"))
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt"))
+    )
     digest = hashlib.sha256()
     for f in files:
         digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
@@ -68,19 +101,24 @@ def read_parameters(png: str) -> dict:
     with Image.open(png) as im:
         text = im.info.get(PARAMS_KEY) if hasattr(im, "info") else None
     if text is None:
-        raise ValueError(f"--replay: {png!r} carries no {PARAMS_KEY!r} text chunk "
-                         "(was it made by `ldm generate`?)")
+        raise ValueError(
+            f"--replay: {png!r} carries no {PARAMS_KEY!r} text chunk "
+            "(was it made by `ldm generate`?)"
+        )
     return json.loads(text)
 
 
 def _a1111_text(params: dict) -> str:
     """The 'parameters' chunk in the form other Stable Diffusion tools show."""
-    head = params["prompt"] + (f"\nNegative prompt: {params['negative_prompt']}"
-                               if params["negative_prompt"] else "")
-    return (f"{head}\nSteps: {params['steps']}, Sampler: {params['sampler']}, "
-            f"CFG scale: {params['guidance']}, Seed: {params['seed']}, "
-            f"Size: {params['width']}x{params['height']}, "
-            f"Model hash: {params['model_hash'][:10]}, Model: {params['model']}")
+    head = params["prompt"] + (
+        f"\nNegative prompt: {params['negative_prompt']}" if params["negative_prompt"] else ""
+    )
+    return (
+        f"{head}\nSteps: {params['steps']}, Sampler: {params['sampler']}, "
+        f"CFG scale: {params['guidance']}, Seed: {params['seed']}, "
+        f"Size: {params['width']}x{params['height']}, "
+        f"Model hash: {params['model_hash'][:10]}, Model: {params['model']}"
+    )
 
 
 def save_png(image, path: Path, params: dict) -> None:
@@ -96,15 +134,35 @@ def save_png(image, path: Path, params: dict) -> None:
 def _settings(args) -> dict:
     if args.replay:
         params = read_parameters(args.replay)
-        return {**params, "count": 1, "output": args.output, "device": args.device,
-                "dtype": params.get("dtype", args.dtype), "quiet": args.quiet}
+        return {
+            **params,
+            "count": 1,
+            "output": args.output,
+            "device": args.device,
+            "dtype": params.get("dtype", args.dtype),
+            "quiet": args.quiet,
+        }
     if not args.prompt:
         raise ValueError("prompt: give a prompt (or --replay PNG)")
-    return {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model,
-            "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
-            "karras": args.karras, "eta": args.eta, "seed": args.seed, "count": args.count,
-            "height": args.height, "width": args.width, "prediction_type": args.prediction_type,
-            "output": args.output, "device": args.device, "dtype": args.dtype, "quiet": args.quiet}
+    return {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "model": args.model,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "sampler": args.sampler,
+        "karras": args.karras,
+        "eta": args.eta,
+        "seed": args.seed,
+        "count": args.count,
+        "height": args.height,
+        "width": args.width,
+        "prediction_type": args.prediction_type,
+        "output": args.output,
+        "device": args.device,
+        "dtype": args.dtype,
+        "quiet": args.quiet,
+    }
 
 
 def generate(s: dict) -> list[Path]:
@@ -120,8 +178,10 @@ def generate(s: dict) -> list[Path]:
     pipe.progress = not s["quiet"]
     model_hash = weights_hash(pipe.source)
     if s.get("model_hash") and s["model_hash"] != model_hash:
-        raise ValueError(f"--replay: the model's weights changed since the image was made "
-                         f"(hash {model_hash[:12]} != {s['model_hash'][:12]})")
+        raise ValueError(
+            f"--replay: the model's weights changed since the image was made "
+            f"(hash {model_hash[:12]} != {s['model_hash'][:12]})"
+        )
     defaults = getattr(pipe, "generation_defaults", {})
     steps = s["steps"] if s["steps"] is not None else defaults.get("num_inference_steps", 30)
     guidance = s["guidance"] if s["guidance"] is not None else defaults.get("guidance_scale", 7.5)
@@ -133,16 +193,34 @@ def generate(s: dict) -> list[Path]:
     paths = []
     for i in range(s["count"]):
         seed = s["seed"] + i
-        image = pipe(s["prompt"], negative_prompt=s["negative_prompt"], num_inference_steps=steps,
-                     guidance_scale=guidance, height=height, width=width, sampler=sampler,
-                     use_karras_sigmas=s["karras"], eta=s["eta"],
-                     generator=torch.Generator().manual_seed(seed)).images[0]
-        params = {"prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": seed,
-                  "sampler": sampler, "karras": s["karras"], "eta": s["eta"], "steps": steps,
-                  "guidance": guidance, "height": height, "width": width,
-                  "model": "default" if Path(pipe.source) == DEFAULT_MODEL else s["model"],
-                  "prediction_type": s["prediction_type"], "model_hash": model_hash,
-                  "dtype": s["dtype"]}
+        image = pipe(
+            s["prompt"],
+            negative_prompt=s["negative_prompt"],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            sampler=sampler,
+            use_karras_sigmas=s["karras"],
+            eta=s["eta"],
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
+        params = {
+            "prompt": s["prompt"],
+            "negative_prompt": s["negative_prompt"],
+            "seed": seed,
+            "sampler": sampler,
+            "karras": s["karras"],
+            "eta": s["eta"],
+            "steps": steps,
+            "guidance": guidance,
+            "height": height,
+            "width": width,
+            "model": "default" if Path(pipe.source) == DEFAULT_MODEL else s["model"],
+            "prediction_type": s["prediction_type"],
+            "model_hash": model_hash,
+            "dtype": s["dtype"],
+        }
         if params["model"] == "default":
             params["model"] = None
         path = out if s["count"] == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")

@@ -13,9 +13,15 @@ def _as_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-def to_tensor(images, *, name: str = "image", height: int | None = None, width: int | None = None,
-              grayscale: bool = False) -> torch.Tensor:
-    """PIL image(s), an (H,W,C)/(N,H,W,C) array in [0,1] or an (N,C,H,W) tensor -> (N,C,H,W) in [0,1].
+def to_tensor(
+    images,
+    *,
+    name: str = "image",
+    height: int | None = None,
+    width: int | None = None,
+    grayscale: bool = False,
+) -> torch.Tensor:
+    """PIL image(s), an (H,W,C)/(N,H,W,C) array or an (N,C,H,W) tensor in [0,1] -> (N,C,H,W).
 
     PIL images are resized to (width, height) with Lanczos when a size is given, as diffusers'
     image processor does; arrays and tensors must already have that size.
@@ -23,7 +29,9 @@ def to_tensor(images, *, name: str = "image", height: int | None = None, width: 
     if isinstance(images, torch.Tensor):
         x = images if images.ndim == 4 else images[None]
         if x.shape[1] not in (1, 3):
-            raise ValueError(f"{name}: a tensor must be (N, C, H, W) with C=1 or 3, got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: a tensor must be (N, C, H, W) with C=1 or 3, got {tuple(x.shape)}"
+            )
         x = x.float()
     else:
         arrays = []
@@ -36,8 +44,10 @@ def to_tensor(images, *, name: str = "image", height: int | None = None, width: 
             elif isinstance(im, np.ndarray):
                 a = im.astype(np.float32)
             else:
-                raise ValueError(f"{name}: expected PIL images, numpy arrays or a tensor, "
-                                 f"got {type(im).__name__}")
+                raise ValueError(
+                    f"{name}: expected PIL images, numpy arrays or a tensor, "
+                    f"got {type(im).__name__}"
+                )
             arrays.append(a[..., None] if a.ndim == 2 else a)
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if grayscale and x.shape[1] == 3:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from ldm.schedule import ScheduleConfig
 from safetensors.torch import save_file
 
 from autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.schedule import ScheduleConfig
 from ldm.unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,12 @@ SCHEDULER_TO_SAMPLER = {
 }
 SAMPLER_TO_SCHEDULER = {v: k for k, v in SCHEDULER_TO_SAMPLER.items()}
 GENERATION_DEFAULTS = "generation_defaults.json"  # steps / guidance a folder recommends
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
-                "diffusion_pytorch_model.bin", "pytorch_model.bin")
+WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
 
 
 @dataclass
@@ -105,8 +109,9 @@ def _build(module_cls, config, state_dict: dict[str, torch.Tensor]):
 
 
 def load_unet(folder: Path) -> UNet:
-    return _build(UNet, UNetConfig.from_diffusers(read_json(folder / "config.json")),
-                  load_weights(folder))
+    return _build(
+        UNet, UNetConfig.from_diffusers(read_json(folder / "config.json")), load_weights(folder)
+    )
 
 
 def load_vae(folder: Path) -> AutoencoderKL:
@@ -121,20 +126,26 @@ def load_text_encoder(root: Path, class_name: str):
         return ClipTextEncoder.from_pretrained(root)
     if class_name == "T5EncoderModel":
         return T5TextEncoder.from_pretrained(root)
-    raise ValueError(f"text_encoder: unsupported class {class_name!r} in model_index.json; "
-                     "supported: CLIPTextModel, T5EncoderModel")
+    raise ValueError(
+        f"text_encoder: unsupported class {class_name!r} in model_index.json; "
+        "supported: CLIPTextModel, T5EncoderModel"
+    )
 
 
 def sampler_for(scheduler_config: dict) -> tuple[str, bool]:
     """The sampler name (and Karras flag) matching a folder's diffusers scheduler class."""
     class_name = scheduler_config.get("_class_name", "DDIMScheduler")
     if class_name not in SCHEDULER_TO_SAMPLER:
-        raise ValueError(f"scheduler: unsupported class {class_name!r}; supported: "
-                         f"{', '.join(SCHEDULER_TO_SAMPLER)} (or pass sampler=...)")
+        raise ValueError(
+            f"scheduler: unsupported class {class_name!r}; supported: "
+            f"{', '.join(SCHEDULER_TO_SAMPLER)} (or pass sampler=...)"
+        )
     if class_name == "PNDMScheduler" and not scheduler_config.get("skip_prk_steps", False):
-        raise ValueError("scheduler: PNDMScheduler with skip_prk_steps=false (Runge-Kutta warm-up) "
-                         "is not supported; set skip_prk_steps to true (as Stable Diffusion "
-                         "folders do) or pass sampler=...")
+        raise ValueError(
+            "scheduler: PNDMScheduler with skip_prk_steps=false (Runge-Kutta warm-up) "
+            "is not supported; set skip_prk_steps to true (as Stable Diffusion "
+            "folders do) or pass sampler=..."
+        )
     return SCHEDULER_TO_SAMPLER[class_name], bool(scheduler_config.get("use_karras_sigmas", False))
 
 
@@ -142,8 +153,10 @@ def merge_schedule(schedule: ScheduleConfig, prediction_type: str | None) -> Sch
     """Apply an explicit prediction type, refusing one that contradicts the folder's."""
     if prediction_type is None or prediction_type == schedule.prediction_type:
         return schedule
-    raise ValueError(f"prediction_type={prediction_type!r} contradicts the model's scheduler config "
-                     f"({schedule.prediction_type!r}); leave it unset or fix scheduler_config.json")
+    raise ValueError(
+        f"prediction_type={prediction_type!r} contradicts the model's scheduler config "
+        f"({schedule.prediction_type!r}); leave it unset or fix scheduler_config.json"
+    )
 
 
 def load_folder(root: Path, prediction_type: str | None = None) -> Components:
@@ -151,26 +164,36 @@ def load_folder(root: Path, prediction_type: str | None = None) -> Components:
     index = read_json(root / "model_index.json")
     for name in ("unet", "vae", "text_encoder", "scheduler"):
         if not (root / name).is_dir():
-            raise FileNotFoundError(f"{root} has no {name}/ folder, which model_index.json requires")
+            raise FileNotFoundError(
+                f"{root} has no {name}/ folder, which model_index.json requires"
+            )
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
     sampler, karras = sampler_for(scheduler_config)
     schedule = merge_schedule(ScheduleConfig.from_diffusers(scheduler_config), prediction_type)
     text_class = (index.get("text_encoder") or [None, "CLIPTextModel"])[1]
-    return Components(unet=load_unet(root / "unet"), vae=load_vae(root / "vae"),
-                      text_encoder=load_text_encoder(root, text_class), schedule=schedule,
-                      sampler=sampler, use_karras_sigmas=karras, source=str(root))
+    return Components(
+        unet=load_unet(root / "unet"),
+        vae=load_vae(root / "vae"),
+        text_encoder=load_text_encoder(root, text_class),
+        schedule=schedule,
+        sampler=sampler,
+        use_karras_sigmas=karras,
+        source=str(root),
+    )
 
 
 def _prediction_type_from_sidecar(path: Path) -> str | None:
     """An original checkpoint's YAML beside it says `parameterization: "v"` for v-models."""
     yaml = path.with_suffix(".yaml")
-    if yaml.is_file() and re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", yaml.read_text(), re.M):
+    if yaml.is_file() and re.search(
+        r"parameterization:\s*[\"']?v[\"']?\s*$", yaml.read_text(), re.M
+    ):
         return "v_prediction"
     return None
 
 
 def load_single_file(path: Path, prediction_type: str | None = None) -> Components:
-    """One original (CompVis / A1111) checkpoint -> Components; the architecture comes from shapes."""
+    """One original (CompVis / A1111) checkpoint -> Components; architecture read from shapes."""
     from pipelines.single_file import infer_configs, original_to_diffusers
 
     state = load_weights_file(path)
@@ -183,8 +206,14 @@ def load_single_file(path: Path, prediction_type: str | None = None) -> Componen
     # SD 2.x (OpenCLIP) tokenizers pad with "!" (id 0), OpenAI CLIP's with the end token
     pad = "!" if configs.get("text_encoder_format") == "open_clip" else "<|endoftext|>"
     text_encoder = _clip_from_state_dict(parts["text_encoder"], configs["text_encoder"], pad)
-    return Components(unet=unet, vae=vae, text_encoder=text_encoder, schedule=schedule,
-                      sampler="ddim", source=str(path))
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        schedule=schedule,
+        sampler="ddim",
+        source=str(path),
+    )
 
 
 def _clip_from_state_dict(state: dict, config: dict, pad_token: str):
@@ -195,8 +224,9 @@ def _clip_from_state_dict(state: dict, config: dict, pad_token: str):
     return ClipTextEncoder(model.eval().requires_grad_(False), tokenizer)
 
 
-def resolve(path_or_id: str | os.PathLike | None, revision: str | None = None,
-            subfolder: str | None = None) -> Path:
+def resolve(
+    path_or_id: str | os.PathLike | None, revision: str | None = None, subfolder: str | None = None
+) -> Path:
     """A local folder or file, the embedded default model, or a Hub id fetched through its cache."""
     if path_or_id is None:
         return DEFAULT_MODEL
@@ -208,19 +238,28 @@ def resolve(path_or_id: str | os.PathLike | None, revision: str | None = None,
 
         root = download(path_or_id, revision=revision)
         return root / subfolder if subfolder else root
-    raise FileNotFoundError(f"model {str(path_or_id)!r}: no such file or folder, and not a Hub id "
-                            "of the form 'user/name'")
+    raise FileNotFoundError(
+        f"model {str(path_or_id)!r}: no such file or folder, and not a Hub id "
+        "of the form 'user/name'"
+    )
 
 
-def load(path_or_id=None, *, prediction_type: str | None = None, revision: str | None = None,
-         subfolder: str | None = None) -> Components:
+def load(
+    path_or_id=None,
+    *,
+    prediction_type: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> Components:
     """Components from a diffusers folder, a single checkpoint file or a Hub id."""
     path = resolve(path_or_id, revision, subfolder)
     if path.is_dir():
         return load_folder(path, prediction_type)
     if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         return load_single_file(path, prediction_type)
-    raise ValueError(f"model {str(path)!r}: expected a diffusers folder or a .safetensors/.ckpt file")
+    raise ValueError(
+        f"model {str(path)!r}: expected a diffusers folder or a .safetensors/.ckpt file"
+    )
 
 
 def model_index(text_encoder_class: str, scheduler_class: str) -> dict:
@@ -258,8 +297,12 @@ def save_module(folder: Path, class_name: str, config: dict, module: torch.nn.Mo
 def save_folder(root: Path, components: Components) -> None:
     """Write Components in the diffusers layout (StableDiffusionPipeline loads it)."""
     root = Path(root)
-    save_module(root / "unet", "UNet2DConditionModel", components.unet.config.to_diffusers(),
-                components.unet)
+    save_module(
+        root / "unet",
+        "UNet2DConditionModel",
+        components.unet.config.to_diffusers(),
+        components.unet,
+    )
     save_module(root / "vae", "AutoencoderKL", components.vae.config.to_diffusers(), components.vae)
     components.text_encoder.save_pretrained(root)
     scheduler_class = SAMPLER_TO_SCHEDULER.get(components.sampler, "DDIMScheduler")
@@ -270,6 +313,7 @@ def save_folder(root: Path, components: Components) -> None:
         scheduler["skip_prk_steps"] = True  # PLMS only, the part we implement
     write_json(root / "scheduler" / "scheduler_config.json", scheduler)
     # our own torch CLIP text model saves the transformers CLIPTextModel format
-    text_class = "T5EncoderModel" if "T5" in type(components.text_encoder).__name__ \
-        else "CLIPTextModel"
+    text_class = (
+        "T5EncoderModel" if "T5" in type(components.text_encoder).__name__ else "CLIPTextModel"
+    )
     write_json(root / "model_index.json", model_index(text_class, scheduler_class))

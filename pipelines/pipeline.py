@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
 from ldm.denoiser import Denoiser
 from ldm.guidance import classifier_free_guidance
 from ldm.samplers import Steps, get_sampler, make_steps, randn
-from tqdm.auto import tqdm
-
 from pipelines import images as imgs
 from pipelines import loading
 
@@ -27,23 +27,32 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PipelineOutput:
-    """Generated images: a list of PIL images, an (N,H,W,3) array, an (N,3,H,W) tensor or latents."""
+    """Generated images: a list of PIL images, an (N,H,W,3) array, (N,3,H,W) tensor or latents."""
 
     images: object
 
 
 def _batch_generators(generator, batch: int):
     if isinstance(generator, list) and len(generator) != batch:
-        raise ValueError(f"generator: a list must hold one generator per image ({batch}), "
-                         f"got {len(generator)}")
+        raise ValueError(
+            f"generator: a list must hold one generator per image ({batch}), got {len(generator)}"
+        )
     return generator
 
 
 class DiffusionPipeline:
-    """A U-Net, an autoencoder, a text encoder and a noise schedule, with the shared sampling code."""
+    """A U-Net, an autoencoder, a text encoder and a noise schedule; the shared sampling code."""
 
-    def __init__(self, unet, vae, text_encoder, schedule, sampler: str = "ddim",
-                 use_karras_sigmas: bool = False, source: str = ""):
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        schedule,
+        sampler: str = "ddim",
+        use_karras_sigmas: bool = False,
+        source: str = "",
+    ):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.schedule, self.sampler, self.use_karras_sigmas = schedule, sampler, use_karras_sigmas
         self.source = source
@@ -54,29 +63,51 @@ class DiffusionPipeline:
     # ---- loading, saving, devices -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path_or_id=None, *, prediction_type: str | None = None,
-                        revision: str | None = None, subfolder: str | None = None):
+    def from_pretrained(
+        cls,
+        path_or_id=None,
+        *,
+        prediction_type: str | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
+    ):
         """Load a diffusers folder, a single .safetensors/.ckpt file, a Hub id, or (None) the
         embedded default model. `prediction_type` overrides nothing silently: it must agree with
         the folder's scheduler config, and is required knowledge for single v-prediction files."""
-        c = loading.load(path_or_id, prediction_type=prediction_type, revision=revision,
-                         subfolder=subfolder)
-        pipe = cls(c.unet, c.vae, c.text_encoder, c.schedule, c.sampler, c.use_karras_sigmas,
-                   c.source)
+        c = loading.load(
+            path_or_id, prediction_type=prediction_type, revision=revision, subfolder=subfolder
+        )
+        pipe = cls(
+            c.unet, c.vae, c.text_encoder, c.schedule, c.sampler, c.use_karras_sigmas, c.source
+        )
         pipe.generation_defaults = loading.read_generation_defaults(Path(c.source))
         return pipe
 
     @classmethod
     def from_pipeline(cls, other: DiffusionPipeline):
         """The same components behind another pipeline class (no copies)."""
-        pipe = cls(other.unet, other.vae, other.text_encoder, other.schedule, other.sampler,
-                   other.use_karras_sigmas, other.source)
+        pipe = cls(
+            other.unet,
+            other.vae,
+            other.text_encoder,
+            other.schedule,
+            other.sampler,
+            other.use_karras_sigmas,
+            other.source,
+        )
         pipe.generation_defaults = dict(other.generation_defaults)
         return pipe
 
     def components(self) -> loading.Components:
-        return loading.Components(self.unet, self.vae, self.text_encoder, self.schedule,
-                                  self.sampler, self.use_karras_sigmas, self.source)
+        return loading.Components(
+            self.unet,
+            self.vae,
+            self.text_encoder,
+            self.schedule,
+            self.sampler,
+            self.use_karras_sigmas,
+            self.source,
+        )
 
     def save_pretrained(self, path) -> None:
         """Write the diffusers folder layout; diffusers' StableDiffusionPipeline loads it."""
@@ -84,16 +115,35 @@ class DiffusionPipeline:
         if self.generation_defaults:
             loading.write_json(Path(path) / loading.GENERATION_DEFAULTS, self.generation_defaults)
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    revision: str | None = None, commit_message: str | None = None) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
         """Upload save_pretrained's folder and a model card to the Hub as one commit; its URL."""
         from pipelines.hub import push_to_hub
 
-        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
-                           commit_message=commit_message)
+        return push_to_hub(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+        )
 
-    def load_lora(self, source, scale: float = 1.0, *, adapter_name: str | None = None,
-                  weight_name: str | None = None) -> str:
+    def load_lora(
+        self,
+        source,
+        scale: float = 1.0,
+        *,
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+    ) -> str:
         """Merge LoRA weights (diffusers/peft or kohya/A1111 keys) at `scale`; returns its name."""
         from pipelines.lora import load_lora
 
@@ -134,7 +184,7 @@ class DiffusionPipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the autoencoder's factor × the U-Net's halvings."""
+        """Image sides are multiples of this: the autoencoder's factor × the U-Net's halvings."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     # ---- checks -------------------------------------------------------------------------------
@@ -143,38 +193,57 @@ class DiffusionPipeline:
         m = self.size_multiple
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % m:
-                raise ValueError(f"{name}={value!r} must be a positive multiple of {m} (the "
-                                 f"autoencoder's factor {self.vae_scale_factor} × the U-Net's "
-                                 f"{m // self.vae_scale_factor})")
+                raise ValueError(
+                    f"{name}={value!r} must be a positive multiple of {m} (the "
+                    f"autoencoder's factor {self.vae_scale_factor} × the U-Net's "
+                    f"{m // self.vae_scale_factor})"
+                )
 
     @staticmethod
     def _check_common(num_inference_steps, num_images_per_prompt, guidance_scale, output_type):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+            raise ValueError(
+                f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1"
+            )
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0")
         if output_type not in imgs.OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; allowed: {', '.join(imgs.OUTPUT_TYPES)}")
+            raise ValueError(
+                f"output_type={output_type!r}; allowed: {', '.join(imgs.OUTPUT_TYPES)}"
+            )
 
     # ---- the shared steps ---------------------------------------------------------------------
 
-    def encode_prompt(self, prompt, negative_prompt, num_images_per_prompt: int,
-                      do_cfg: bool, clip_skip: int | None = None):
+    def encode_prompt(
+        self,
+        prompt,
+        negative_prompt,
+        num_images_per_prompt: int,
+        do_cfg: bool,
+        clip_skip: int | None = None,
+    ):
         """(cond, uncond) contexts, repeated per image, as diffusers' encode_prompt returns them."""
         from text_encoder import encode_prompt
 
         with torch.inference_mode():
-            return encode_prompt(self.text_encoder, prompt, negative_prompt,
-                                 num_images_per_prompt, do_cfg, clip_skip=clip_skip)
+            return encode_prompt(
+                self.text_encoder,
+                prompt,
+                negative_prompt,
+                num_images_per_prompt,
+                do_cfg,
+                clip_skip=clip_skip,
+            )
 
     def _steps(self, sampler: str | None, num_inference_steps: int, use_karras_sigmas):
         name = self.sampler if sampler is None else sampler
         get_sampler(name)  # a clear error for an unknown name before any work is done
         karras = self.use_karras_sigmas if use_karras_sigmas is None else use_karras_sigmas
-        steps = make_steps(name, self.schedule, num_inference_steps, use_karras_sigmas=karras,
-                           device=self.device)
+        steps = make_steps(
+            name, self.schedule, num_inference_steps, use_karras_sigmas=karras, device=self.device
+        )
         return name, steps
 
     def _model_fn(self, concat: torch.Tensor | None):
@@ -183,39 +252,60 @@ class DiffusionPipeline:
 
         def model(x_in, t, context):
             if concat is not None:  # inpainting / super-resolution inputs, same for both branches
-                x_in = torch.cat([x_in, concat.repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)], 1)
+                x_in = torch.cat(
+                    [x_in, concat.repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)], 1
+                )
             return unet(x_in.to(dtype), t, context.to(dtype)).float()
 
         return model
 
-    def _sample(self, x: torch.Tensor, name: str, steps: Steps, cond, uncond, *, generator,
-                guidance_scale: float, guidance_rescale: float, eta: float,
-                concat: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+    def _sample(
+        self,
+        x: torch.Tensor,
+        name: str,
+        steps: Steps,
+        cond,
+        uncond,
+        *,
+        generator,
+        guidance_scale: float,
+        guidance_rescale: float,
+        eta: float,
+        concat: torch.Tensor | None = None,
+        callback=None,
+    ) -> torch.Tensor:
         """Run sampler `name` from state x (VE, at steps.sigmas[0]); returns latents (VP)."""
-        model = classifier_free_guidance(self._model_fn(concat), cond, uncond, guidance_scale,
-                                         rescale=guidance_rescale)
+        model = classifier_free_guidance(
+            self._model_fn(concat), cond, uncond, guidance_scale, rescale=guidance_rescale
+        )
         denoiser = Denoiser(model, self.schedule.prediction_type)
-        bar = tqdm(total=len(steps.timesteps), disable=not self.progress, desc="sampling",
-                   leave=False)
+        bar = tqdm(
+            total=len(steps.timesteps), disable=not self.progress, desc="sampling", leave=False
+        )
 
         def step_done(i, state):
             bar.update()
             return callback(i, state) if callback is not None else None
 
         with torch.inference_mode():
-            latents = get_sampler(name)(denoiser, x, steps, generator=generator, eta=eta,
-                                        callback=step_done)
+            latents = get_sampler(name)(
+                denoiser, x, steps, generator=generator, eta=eta, callback=step_done
+            )
         bar.close()
         return latents
 
     def _encode_images(self, image: torch.Tensor, generator) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents, a posterior sample per image as diffusers draws it."""
+        """Images in [-1, 1] -> scaled latents, one posterior sample each, as diffusers draws it."""
         vae = self.vae
         image = image.to(self.device, next(vae.parameters()).dtype)
         with torch.inference_mode():
             if isinstance(generator, list):
-                z = torch.cat([vae.encode(image[i:i + 1]).sample(generator[i])
-                               for i in range(image.shape[0])])
+                z = torch.cat(
+                    [
+                        vae.encode(image[i : i + 1]).sample(generator[i])
+                        for i in range(image.shape[0])
+                    ]
+                )
             else:
                 z = vae.encode(image).sample(generator)
         return (vae.config.scaling_factor * z).float()
@@ -229,28 +319,43 @@ class DiffusionPipeline:
         with torch.inference_mode():
             images = vae.decode((latents / vae.config.scaling_factor).to(dtype))
             if dtype != torch.float32 and not torch.isfinite(images).all():
-                logger.warning("the autoencoder's %s decode produced NaN/inf; decoding again in "
-                               "float32", dtype)
+                logger.warning(
+                    "the autoencoder's %s decode produced NaN/inf; decoding again in float32", dtype
+                )
                 vae.float()
                 images = vae.decode((latents / vae.config.scaling_factor).float())
                 vae.to(dtype)
         return imgs.to_output(images.float(), output_type)
 
     def _start(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale, clip_skip):
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt,
-                                          guidance_scale > 1, clip_skip)
+        cond, uncond = self.encode_prompt(
+            prompt, negative_prompt, num_images_per_prompt, guidance_scale > 1, clip_skip
+        )
         return cond, uncond, cond.shape[0]
 
 
 class TextToImagePipeline(DiffusionPipeline):
     """Text -> image (Stable Diffusion's txt2img)."""
 
-    def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 30,
-                 guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-                 num_images_per_prompt: int = 1, generator=None, sampler: str | None = None,
-                 output_type: str = "pil", *, eta: float = 0.0, guidance_rescale: float = 0.0,
-                 use_karras_sigmas: bool | None = None, clip_skip: int | None = None,
-                 latents: torch.Tensor | None = None) -> PipelineOutput:
+    def __call__(
+        self,
+        prompt,
+        negative_prompt=None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        sampler: str | None = None,
+        output_type: str = "pil",
+        *,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        use_karras_sigmas: bool | None = None,
+        clip_skip: int | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> PipelineOutput:
         """Make images from `prompt`.
 
         Args:
@@ -276,128 +381,24 @@ class TextToImagePipeline(DiffusionPipeline):
         width = width or self.unet.config.sample_size * f
         self._check_size(height, width)
         name, steps = self._steps(sampler, num_inference_steps, use_karras_sigmas)
-        cond, uncond, batch = self._start(prompt, negative_prompt, num_images_per_prompt,
-                                          guidance_scale, clip_skip)
+        cond, uncond, batch = self._start(
+            prompt, negative_prompt, num_images_per_prompt, guidance_scale, clip_skip
+        )
         shape = (batch, self.unet.config.in_channels, height // f, width // f)
         if latents is None:
             latents = randn(shape, _batch_generators(generator, batch), self.device, cond.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
         x = latents.float().to(self.device) * steps.init_noise_sigma
-        out = self._sample(x, name, steps, cond, uncond, generator=generator,
-                           guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta)
-        return PipelineOutput(self._decode(out, output_type))
-
-
-def _strength_steps(steps: Steps, num_inference_steps: int, strength: float) -> Steps:
-    """The tail of the schedule an image->image run starts from (diffusers' get_timesteps)."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength={strength!r} must be in [0, 1]")
-    init = min(int(num_inference_steps * strength), num_inference_steps)
-    start = max(num_inference_steps - init, 0)
-    if start >= num_inference_steps:
-        raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} "
-                         "leaves no step to run; raise one of them")
-    return steps.tail(start)
-
-
-class ImageToImagePipeline(DiffusionPipeline):
-    """Image -> image: noise the encoded image to a level set by `strength`, then denoise."""
-
-    def __call__(self, prompt, image, strength: float = 0.8, negative_prompt=None,
-                 num_inference_steps: int = 30, guidance_scale: float = 7.5,
-                 num_images_per_prompt: int = 1, generator=None, sampler: str | None = None,
-                 output_type: str = "pil", *, eta: float = 0.0, guidance_rescale: float = 0.0,
-                 use_karras_sigmas: bool | None = None, clip_skip: int | None = None,
-                 height: int | None = None, width: int | None = None) -> PipelineOutput:
-        """Re-make `image` (PIL / array / tensor in [0,1]) following `prompt`; strength in [0, 1]
-        is how much of the schedule is re-run (1: ignore the image's content entirely)."""
-        self._check_common(num_inference_steps, num_images_per_prompt, guidance_scale, output_type)
-        name, steps = self._steps(sampler, num_inference_steps, use_karras_sigmas)
-        steps = _strength_steps(steps, num_inference_steps, strength)
-        pixels = imgs.to_tensor(image, name="image", height=height, width=width)
-        self._check_size(pixels.shape[2], pixels.shape[3])
-        cond, uncond, batch = self._start(prompt, negative_prompt, num_images_per_prompt,
-                                          guidance_scale, clip_skip)
-        generator = _batch_generators(generator, batch)
-        if batch % pixels.shape[0]:
-            raise ValueError(f"image: {pixels.shape[0]} images cannot be spread over {batch} outputs")
-        pixels = pixels.repeat(batch // pixels.shape[0], 1, 1, 1) if isinstance(generator, list) \
-            else pixels
-        init = self._encode_images(pixels * 2 - 1, generator)
-        init = init.repeat(batch // init.shape[0], 1, 1, 1)
-        noise = randn(init.shape, generator, self.device, cond.dtype).float()
-        x = steps.add_noise(init, noise, 0)
-        out = self._sample(x, name, steps, cond, uncond, generator=generator,
-                           guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta)
-        return PipelineOutput(self._decode(out, output_type))
-
-
-class InpaintPipeline(DiffusionPipeline):
-    """Inpainting: re-make the white part of `mask_image`, keep the rest.
-
-    9-channel inpainting U-Nets see the mask and the masked image's latents as extra inputs;
-    ordinary 4-channel U-Nets get the known region blended back in after every step.
-    """
-
-    def __call__(self, prompt, image, mask_image, strength: float = 1.0, negative_prompt=None,
-                 num_inference_steps: int = 30, guidance_scale: float = 7.5,
-                 num_images_per_prompt: int = 1, generator=None, sampler: str | None = None,
-                 output_type: str = "pil", *, eta: float = 0.0,
-                 use_karras_sigmas: bool | None = None, clip_skip: int | None = None,
-                 height: int | None = None, width: int | None = None) -> PipelineOutput:
-        """Inpaint `image` where `mask_image` is white (>= 0.5); strength as for image->image."""
-        self._check_common(num_inference_steps, num_images_per_prompt, guidance_scale, output_type)
-        in_ch = self.unet.config.in_channels
-        if in_ch not in (4, 9):
-            raise ValueError(f"InpaintPipeline needs a U-Net with 4 or 9 input channels, not {in_ch}")
-        name, steps = self._steps(sampler, num_inference_steps, use_karras_sigmas)
-        steps = _strength_steps(steps, num_inference_steps, strength)
-        pixels = imgs.to_tensor(image, name="image", height=height, width=width)
-        mask = imgs.to_tensor(mask_image, name="mask_image", height=height, width=width,
-                              grayscale=True)
-        if mask.shape[2:] != pixels.shape[2:]:
-            raise ValueError(f"mask_image: size {tuple(mask.shape[2:])} does not match the image's "
-                             f"{tuple(pixels.shape[2:])}")
-        h, w = pixels.shape[2], pixels.shape[3]
-        self._check_size(h, w)
-        cond, uncond, batch = self._start(prompt, negative_prompt, num_images_per_prompt,
-                                          guidance_scale, clip_skip)
-        generator = _batch_generators(generator, batch)
-        pixels = pixels.to(self.device) * 2 - 1
-        mask = (mask >= 0.5).float().to(self.device)
-
-        # the draw order of diffusers: image latents (if needed), noise, then masked-image latents
-        image_latents = None
-        if in_ch == 4 or strength < 1.0:
-            image_latents = self._encode_images(pixels, generator)
-            image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
-        f = self.vae_scale_factor
-        shape = (batch, self.vae.config.latent_channels, h // f, w // f)
-        noise = randn(shape, generator, self.device, cond.dtype).float()
-        if strength == 1.0:
-            x = noise * steps.init_noise_sigma
-        else:
-            x = steps.add_noise(image_latents, noise, 0)
-        latent_mask = torch.nn.functional.interpolate(mask, size=(h // f, w // f))
-        latent_mask = latent_mask.repeat(batch // latent_mask.shape[0], 1, 1, 1)
-
-        concat, callback = None, None
-        if in_ch == 9:
-            masked = self._encode_images(pixels * (mask < 0.5), generator)
-            masked = masked.repeat(batch // masked.shape[0], 1, 1, 1)
-            concat = torch.cat([latent_mask, masked], dim=1)
-        else:
-            last = len(steps.timesteps) - 1
-
-            def callback(i, state):  # keep the known region: diffusers blends after each step
-                if i < last:
-                    known = steps.add_noise(image_latents, noise, i + 1)
-                else:  # the clean latents, in the state's (VE) scale at the final level
-                    known = image_latents * (1 + steps.sigmas[-1] ** 2) ** 0.5
-                return latent_mask * state + (1 - latent_mask) * known
-
-        out = self._sample(x, name, steps, cond, uncond, generator=generator,
-                           guidance_scale=guidance_scale, guidance_rescale=0.0, eta=eta,
-                           concat=concat, callback=callback)
+        out = self._sample(
+            x,
+            name,
+            steps,
+            cond,
+            uncond,
+            generator=generator,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+        )
         return PipelineOutput(self._decode(out, output_type))

@@ -168,8 +168,7 @@ def test_convert_round_trip_and_diffusers_reads_our_single_file(model, tmp_path)
         requires_safety_checker=False,
     )
     ref.set_progress_bar_config(disable=True)
-    call = dict(prompt="a red circle", num_inference_steps=3, output_type="np", height=16,
-                width=16)
+    call = dict(prompt="a red circle", num_inference_steps=3, output_type="np", height=16, width=16)
     expected = ref(**call, generator=torch.Generator().manual_seed(0)).images
     c.progress = False
     got = c(**call, sampler="ddim", generator=torch.Generator().manual_seed(0)).images

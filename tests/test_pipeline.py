@@ -11,15 +11,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from tiny import SD_SCHEDULER
+from tiny import save_reference as _save_reference
+
+from pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 diffusers = pytest.importorskip("diffusers")
-
-from tiny import SD_SCHEDULER  # noqa: E402
-from tiny import save_reference as _save_reference
-
-from pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline  # noqa: E402
 
 PIXEL_TOL = 1e-4
 SCHEDULERS = {
@@ -119,8 +118,12 @@ def test_text_to_image_matches_diffusers_sd2_v_zero_snr(sd2v_folder, sampler):
 
 def test_karras_sigmas_and_generator_list_match_diffusers(sd1_folder):
     ref = _reference(sd1_folder, scheduler="dpmpp_2m", use_karras_sigmas=True)
-    call = dict(CALL, prompt=["a red circle", "a blue square"], negative_prompt=["blurry", ""],
-                num_images_per_prompt=2)
+    call = dict(
+        CALL,
+        prompt=["a red circle", "a blue square"],
+        negative_prompt=["blurry", ""],
+        num_images_per_prompt=2,
+    )
     gens = lambda: [torch.Generator().manual_seed(s) for s in range(4)]  # noqa: E731
     expected = ref(**call, generator=gens()).images
     ours = _ours(TextToImagePipeline, sd1_folder)

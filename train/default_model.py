@@ -43,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts to score")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run")
-    p.add_argument("--install", action="store_true",
-                   help="copy the result to pipelines/default_model (the shipped model)")
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="copy the result to pipelines/default_model (the shipped model)",
+    )
     return p
 
 
@@ -67,12 +70,40 @@ def stage_vae(work: Path, args) -> None:
     out = work / "vae"
     if (out / "config.json").is_file():
         return
-    argv = ["--model", "preset:shapes", "--data", str(work / "shapes-train"), "--output", str(out),
-            "--resolution", "32", "--no-resize", "--random-crop", "--max-steps",
-            str(args.vae_steps), "--batch-size", "16", "--learning-rate", "5e-4",
-            "--lr-scheduler", "cosine", "--lr-warmup-steps", "200", "--disc-weight", "0",
-            "--checkpoint-every", "500", "--checkpoints-total-limit", "2", "--seed",
-            str(args.seed), "--report-to", "csv", "--no-progress", *_resume(out)]
+    argv = [
+        "--model",
+        "preset:shapes",
+        "--data",
+        str(work / "shapes-train"),
+        "--output",
+        str(out),
+        "--resolution",
+        "32",
+        "--no-resize",
+        "--random-crop",
+        "--max-steps",
+        str(args.vae_steps),
+        "--batch-size",
+        "16",
+        "--learning-rate",
+        "5e-4",
+        "--lr-scheduler",
+        "cosine",
+        "--lr-warmup-steps",
+        "200",
+        "--disc-weight",
+        "0",
+        "--checkpoint-every",
+        "500",
+        "--checkpoints-total-limit",
+        "2",
+        "--seed",
+        str(args.seed),
+        "--report-to",
+        "csv",
+        "--no-progress",
+        *_resume(out),
+    ]
     if train_vae(argv):
         raise SystemExit("ldm train-default: the autoencoder stage failed")
 
@@ -83,17 +114,51 @@ def stage_unet(work: Path, args) -> None:
     out = work / "pipeline"
     if (out / "model_index.json").is_file():
         return
-    argv = ["--model", "preset:shapes", "--vae", str(work / "vae"), "--data",
-            str(work / "shapes-train"), "--output", str(out), "--resolution", "64",
-            "--train-text-encoder", "--caption-dropout", "0.1", "--ema-decay", "0.999",
-            "--max-steps", str(args.unet_steps), "--batch-size", str(args.batch_size),
-            "--learning-rate", str(args.learning_rate), "--lr-scheduler", "constant",
-            "--lr-warmup-steps", "500", "--checkpoint-every", "500",
-            "--checkpoints-total-limit", "2", "--seed", str(args.seed), "--report-to", "csv",
-            "--no-progress", "--validation-every", "2000", "--validation-steps", "20",
-            "--validation-prompt", "a red circle on the left",
-            "--validation-prompt", "a blue square to the left of a yellow triangle",
-            *_resume(out)]
+    argv = [
+        "--model",
+        "preset:shapes",
+        "--vae",
+        str(work / "vae"),
+        "--data",
+        str(work / "shapes-train"),
+        "--output",
+        str(out),
+        "--resolution",
+        "64",
+        "--train-text-encoder",
+        "--caption-dropout",
+        "0.1",
+        "--ema-decay",
+        "0.999",
+        "--max-steps",
+        str(args.unet_steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--lr-scheduler",
+        "constant",
+        "--lr-warmup-steps",
+        "500",
+        "--checkpoint-every",
+        "500",
+        "--checkpoints-total-limit",
+        "2",
+        "--seed",
+        str(args.seed),
+        "--report-to",
+        "csv",
+        "--no-progress",
+        "--validation-every",
+        "2000",
+        "--validation-steps",
+        "20",
+        "--validation-prompt",
+        "a red circle on the left",
+        "--validation-prompt",
+        "a blue square to the left of a yellow triangle",
+        *_resume(out),
+    ]
     if train(argv):
         raise SystemExit("ldm train-default: the U-Net stage failed")
     _set_generation_defaults(out)
@@ -106,8 +171,11 @@ def _set_generation_defaults(folder: Path) -> None:
     pipe = TextToImagePipeline.from_pretrained(folder)
     pipe.sampler = DEFAULT_SAMPLER
     pipe.save_pretrained(folder)
-    (folder / "generation_defaults.json").write_text(json.dumps(
-        {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}, indent=2))
+    (folder / "generation_defaults.json").write_text(
+        json.dumps(
+            {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}, indent=2
+        )
+    )
 
 
 def stage_eval(work: Path, args) -> dict:
@@ -122,8 +190,13 @@ def stage_eval(work: Path, args) -> dict:
 
     def generate(prompts, seeds):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return pipe(prompts, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
-                    generator=gens, output_type="np").images
+        return pipe(
+            prompts,
+            num_inference_steps=DEFAULT_STEPS,
+            guidance_scale=DEFAULT_GUIDANCE,
+            generator=gens,
+            output_type="np",
+        ).images
 
     prompts = heldout_prompts(args.eval_prompts, seed=args.seed)
     result = evaluate(generate, prompts, list(range(len(prompts))))
@@ -154,8 +227,12 @@ def stage_samples(work: Path, args) -> Path:
     grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(grid)
     for i, prompt in enumerate(SAMPLE_PROMPTS):
-        image = pipe(prompt, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
-                     generator=torch.Generator().manual_seed(0)).images[0]
+        image = pipe(
+            prompt,
+            num_inference_steps=DEFAULT_STEPS,
+            guidance_scale=DEFAULT_GUIDANCE,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
         x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
         grid.paste(image.resize((cell, cell), Image.NEAREST), (x, y))
         lines = textwrap.wrap(prompt, 22)[:2]  # what fits under a cell in the default font
@@ -164,12 +241,19 @@ def stage_samples(work: Path, args) -> Path:
     data = work / "shapes-train"
     write_model_card(
         folder,
-        training={"unet_steps": args.unet_steps, "vae_steps": args.vae_steps,
-                  "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                  "recipe": "ldm train-default"},
-        dataset={"size": args.images, "content_hash": dataset_hash(data),
-                 "description": "synthetic coloured shapes with compositional captions "
-                                "(train/shapes.py, train split)"},
+        training={
+            "unet_steps": args.unet_steps,
+            "vae_steps": args.vae_steps,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "recipe": "ldm train-default",
+        },
+        dataset={
+            "size": args.images,
+            "content_hash": dataset_hash(data),
+            "description": "synthetic coloured shapes with compositional captions "
+            "(train/shapes.py, train split)",
+        },
         samples=[("samples.png", " | ".join(SAMPLE_PROMPTS))],
         license="apache-2.0",
     )
@@ -181,8 +265,11 @@ def install(work: Path) -> Path:
 
     if DEFAULT_MODEL.exists():
         shutil.rmtree(DEFAULT_MODEL)
-    shutil.copytree(work / "pipeline", DEFAULT_MODEL,
-                    ignore=shutil.ignore_patterns("checkpoints", "logs", "validation*", "*.tmp"))
+    shutil.copytree(
+        work / "pipeline",
+        DEFAULT_MODEL,
+        ignore=shutil.ignore_patterns("checkpoints", "logs", "validation*", "*.tmp"),
+    )
     return DEFAULT_MODEL
 
 
@@ -194,8 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = stages - set(STAGES)
     if unknown:
         raise SystemExit(f"--stages: unknown {sorted(unknown)}; allowed: {', '.join(STAGES)}")
-    for name, fn in (("data", stage_data), ("vae", stage_vae), ("unet", stage_unet),
-                     ("eval", stage_eval), ("samples", stage_samples)):
+    for name, fn in (
+        ("data", stage_data),
+        ("vae", stage_vae),
+        ("unet", stage_unet),
+        ("eval", stage_eval),
+        ("samples", stage_samples),
+    ):
         if name in stages:
             fn(work, args)
     if args.install:

@@ -21,254 +21,47 @@ of the posteriors and text contexts (--cache-latents / --cache-text, train/cache
 posterior is cached, not a sample, so the draws above are unchanged); aspect-ratio buckets
 (--buckets, train/buckets.py).
 
-The shared machinery of `ldm train` and `ldm train-vae` (RunConfig, the accelerator and its
-trackers, the LR schedule, writing and restoring checkpoints) is defined first.
+The model to train (a from-scratch preset or a pipeline) comes from train/model.py; the run
+machinery shared with `ldm train-vae` (RunConfig, the accelerator and its trackers, the LR
+schedule) is train/run.py; writing and restoring checkpoints is train/checkpoint.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
-import math
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ldm.schedule import alphas_cumprod, min_snr_weight, offset_noise, q_sample, training_target
 from pipelines.loading import Components
 from train.cache import EncodingCache, batch_posterior, cached_contexts, fingerprint, warn_if_random
 from train.checkpoint import read_checkpoint, write_checkpoint
-from train.data import DataConfig, load_dataset, make_loader, use_buckets
+from train.data import DataConfig, load_dataset, use_buckets
 from train.ema import EMA
+from train.model import bucket_multiple, load_components, scratch_preset_name
+from train.run import (
+    RunConfig,
+    batches,
+    check_finite,
+    log_grid,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+    save_grid,
+    training_generator,
+)
 
 logger = logging.getLogger(__name__)
 
-LR_SCHEDULERS = ("constant", "cosine", "linear")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-REPORT_TO = ("none", "csv", "tensorboard")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSS_BUCKETS = 4  # the loss is also logged per quarter of the timestep range
-
-
-# ==== the run: shared by `ldm train` and `ldm train-vae` ====
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Optimisation, precision, checkpointing and logging of one training run."""
-
-    output: str
-    max_steps: int = 1000
-    batch_size: int = 1  # per process and micro-batch
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
-    checkpoint_every: int = 500
-    checkpoints_total_limit: int | None = None
-    resume: str | None = None  # "latest" or a checkpoint folder
-    seed: int = 0
-    report_to: str = "none"
-    log_every: int = 10
-    progress: bool = True
-
-    def __post_init__(self):
-        for name, allowed in (
-            ("lr_scheduler", LR_SCHEDULERS),
-            ("report_to", REPORT_TO),
-            ("mixed_precision", MIXED_PRECISIONS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        for name in (
-            "max_steps",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "checkpoint_every",
-            "log_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ValueError(f"checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1")
-        if self.lr_warmup_steps < 0 or self.learning_rate <= 0:
-            raise ValueError("lr_warmup_steps must be >= 0 and learning_rate > 0")
-
-
-class CSVTracker(GeneralTracker):
-    """An accelerate tracker writing logs/metrics.csv rows (step, name, value)."""
-
-    name = "csv"
-    requires_logging_directory = True
-
-    def __init__(self, logging_dir: Path):
-        super().__init__()
-        self.folder = Path(logging_dir)
-
-    @property
-    def tracker(self) -> Path:
-        return self.folder / "metrics.csv"
-
-    def store_init_configuration(self, values: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "config.json").write_text(json.dumps(values, indent=2, default=str) + "\n")
-
-    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        new = not self.tracker.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.tracker, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["step", "name", "value"])
-            writer.writerows([step, k, float(v)] for k, v in values.items())
-
-
-def make_accelerator(run: RunConfig, project: str, config: dict) -> Accelerator:
-    """The Accelerator for a run: precision, trackers (with the run's config), output folders."""
-    if run.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    log_with: list = []
-    logs = Path(run.output) / "logs"
-    if run.report_to == "tensorboard":
-        from accelerate.utils import is_tensorboard_available
-
-        if not is_tensorboard_available():
-            raise ValueError(
-                "--report-to tensorboard: the tensorboard package is not installed "
-                "(pip install tensorboard), or use --report-to csv"
-            )
-        log_with.append("tensorboard")
-    elif run.report_to == "csv":
-        log_with.append(CSVTracker(logs))
-    # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on CPUs): ask
-    # accelerate for CPU training explicitly, or every process would run alone and all of
-    # them would write the same files.
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=run.mixed_precision,
-        log_with=log_with or None,
-        project_config=ProjectConfiguration(project_dir=run.output, logging_dir=str(logs)),
-    )
-    flat = {
-        k: v if isinstance(v, (int, float, str, bool)) else str(v)
-        for k, v in _flatten(config).items()
-    }
-    accelerator.init_trackers(project, config=flat)
-    return accelerator
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    """LR multiplier per optimizer step: linear warm-up, then constant, cosine or linear decay."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-    return factor
-
-
-def make_optimizer(params: list, run: RunConfig):
-    """AdamW and its LR schedule (a LambdaLR stepped once per optimizer step)."""
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=run.learning_rate,
-        betas=(run.adam_beta1, run.adam_beta2),
-        weight_decay=run.adam_weight_decay,
-        eps=run.adam_epsilon,
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(run.lr_scheduler, run.lr_warmup_steps, run.max_steps)
-    )
-    return optimizer, schedule
-
-
-def training_generator(accelerator: Accelerator, seed: int) -> torch.Generator:
-    """This process's generator for noise, timesteps and dropout: distinct per process."""
-    state = np.random.SeedSequence([seed, accelerator.process_index]).generate_state(1)[0]
-    return torch.Generator(accelerator.device).manual_seed(int(state))
-
-
-def check_finite(values: torch.Tensor, step: int, what: str = "loss") -> None:
-    """Stop the run on a NaN / inf loss (values are gathered, so every process stops)."""
-    if not torch.isfinite(values).all():
-        raise FloatingPointError(
-            f"the {what} became {values[~torch.isfinite(values)][0].item()} at step {step + 1}; "
-            "stopping. The last checkpoint written (if any) is intact; resume from it with a lower "
-            "--learning-rate, --mixed-precision bf16 or no, or a smaller --max-grad-norm"
-        )
-
-
-def save_grid(images: list[Image.Image], columns: int, path: Path) -> Image.Image:
-    """Paste images (all one size) into a grid, row by row, and save it as PNG."""
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return grid
-
-
-def log_grid(accelerator: Accelerator, name: str, grid: Image.Image, step: int) -> None:
-    """Send an image to the trackers that take images (TensorBoard); the PNG is on disk anyway."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({name: np.asarray(grid)[None]}, step, dataformats="NHWC")
-
-
-# ==== the U-Net run ====
-
-
-@dataclass(frozen=True)
-class ScratchPreset:
-    """A model trained from scratch: a U-Net preset and a small CLIP-architecture text encoder."""
-
-    unet: str
-    text_layers: int
-    text_heads: int
-    text_mlp_ratio: int = 4
-
-
-# The text encoder's width is the U-Net's cross_attention_dim; the autoencoder comes from --vae.
-SCRATCH_PRESETS: dict[str, ScratchPreset] = {
-    "tiny": ScratchPreset(unet="tiny", text_layers=2, text_heads=2),
-    "small": ScratchPreset(unet="small", text_layers=4, text_heads=4),
-    # the shipped default model: a 32-wide, 3-layer text encoder (its 49408-token embedding
-    # is most of its 1.6M parameters)
-    "shapes": ScratchPreset(unet="shapes", text_layers=3, text_heads=1),
-}
 
 
 @dataclass(frozen=True)
@@ -328,110 +121,6 @@ class TrainConfig:
     @property
     def lora(self) -> bool:
         return self.lora_rank is not None
-
-
-def scratch_preset_name(model: str) -> str | None:
-    """The from-scratch preset `model` names ("preset:tiny", or "tiny" if no such path exists)."""
-    if model.startswith("preset:"):
-        name = model.removeprefix("preset:")
-    elif model in SCRATCH_PRESETS and not Path(model).exists():
-        name = model
-    else:
-        return None
-    if name not in SCRATCH_PRESETS:
-        raise ValueError(
-            f"--model preset:{name}: unknown preset; choose one of {', '.join(SCRATCH_PRESETS)}"
-        )
-    return name
-
-
-def load_vae_folder(path: str):
-    """An autoencoder from a vae folder or a pipeline folder holding vae/."""
-    from pipelines.loading import load_vae
-
-    folder = Path(path).expanduser()
-    if (folder / "vae" / "config.json").is_file():
-        folder = folder / "vae"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--vae: {folder} is not an autoencoder folder (no config.json); "
-            "train one with `ldm train-vae`"
-        )
-    return load_vae(folder)
-
-
-def build_scratch(name: str, cfg: TrainConfig) -> Components:
-    """Fresh U-Net and text encoder (seeded) around a trained autoencoder."""
-    from ldm.schedule import ScheduleConfig
-    from ldm.unet import UNET_PRESETS, UNet
-    from text_encoder import ClipTextConfig, ClipTextEncoder, ClipTextModel
-
-    preset = SCRATCH_PRESETS[name]
-    if preset.unet not in UNET_PRESETS:
-        raise ValueError(
-            f"preset {name!r} needs the U-Net preset {preset.unet!r}, which "
-            f"ldm.unet.UNET_PRESETS lacks (it has {', '.join(UNET_PRESETS)})"
-        )
-    if cfg.vae is None:
-        raise ValueError(
-            f"--vae: training preset {name!r} from scratch needs an autoencoder "
-            "folder; train one with `ldm train-vae`"
-        )
-    vae = load_vae_folder(cfg.vae)
-    f, latent = vae.config.downsample_factor, vae.config.latent_channels
-    width = UNET_PRESETS[preset.unet].cross_attention_dim
-    unet_config = replace(
-        UNET_PRESETS[preset.unet],
-        in_channels=latent,
-        out_channels=latent,
-        sample_size=cfg.data.resolution // f,
-    )
-    torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
-    unet = UNet(unet_config)
-    # OpenAI CLIP's vocabulary, 77 positions and quick_gelu (ClipTextConfig's defaults) at a
-    # small width; the encoder gets the offline CLIP BPE tokenizer
-    text_config = ClipTextConfig(
-        hidden_size=width,
-        intermediate_size=width * preset.text_mlp_ratio,
-        num_hidden_layers=preset.text_layers,
-        num_attention_heads=preset.text_heads,
-        projection_dim=width,
-    )
-    text_encoder = ClipTextEncoder(ClipTextModel(text_config))
-    schedule = ScheduleConfig(prediction_type=cfg.prediction_type or "epsilon")
-    return Components(unet, vae, text_encoder, schedule, cfg.save_sampler, source=f"preset:{name}")
-
-
-def load_components(cfg: TrainConfig) -> Components:
-    """The model to train: a from-scratch preset, or a pipeline to fine-tune."""
-    name = scratch_preset_name(cfg.model)
-    if name is not None:
-        return build_scratch(name, cfg)
-    from pipelines import TextToImagePipeline
-
-    parts = TextToImagePipeline.from_pretrained(cfg.model).components()
-    if cfg.vae is not None:
-        parts.vae = load_vae_folder(cfg.vae)
-    if cfg.prediction_type and cfg.prediction_type != parts.schedule.prediction_type:
-        logger.warning(
-            "fine-tuning a %s model to predict %s (--prediction-type)",
-            parts.schedule.prediction_type,
-            cfg.prediction_type,
-        )
-        parts.schedule = replace(parts.schedule, prediction_type=cfg.prediction_type)
-    return parts
-
-
-def bucket_multiple(data: DataConfig, parts: Components) -> int:
-    """The sides' multiple of the buckets: --bucket-multiple, or the model's size multiple."""
-    need = parts.vae.config.downsample_factor * 2 ** (parts.unet.config.num_levels - 1)
-    multiple = data.bucket_multiple or need
-    if multiple % need:
-        raise ValueError(
-            f"--bucket-multiple {multiple} must be a multiple of the model's size multiple {need} "
-            "(the autoencoder's factor × the U-Net's halvings)"
-        )
-    return multiple
 
 
 def encode_captions(text_encoder, model: torch.nn.Module, captions: list[str]) -> torch.Tensor:
@@ -566,11 +255,23 @@ def write_card(cfg: TrainConfig, output: Path, size: int) -> None:
     if data.is_dir():
         dataset["content_hash"] = dataset_hash(data)
     grids = sorted((output / "validation").glob("step-*.png"))
-    samples = [(str(grids[-1].relative_to(output)), " | ".join(cfg.validation_prompts))] \
-        if grids else None
+    samples = (
+        [(str(grids[-1].relative_to(output)), " | ".join(cfg.validation_prompts))]
+        if grids
+        else None
+    )
     training = {k: v for k, v in asdict(cfg.run).items() if k not in ("output", "resume")}
-    training |= {k: getattr(cfg, k) for k in ("prediction_type", "snr_gamma", "offset_noise",
-                                             "caption_dropout", "ema_decay", "train_text_encoder")}
+    training |= {
+        k: getattr(cfg, k)
+        for k in (
+            "prediction_type",
+            "snr_gamma",
+            "offset_noise",
+            "caption_dropout",
+            "ema_decay",
+            "train_text_encoder",
+        )
+    }
     if cfg.lora:
         training |= {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha or cfg.lora_rank}
     base = None if scratch_preset_name(cfg.model) else cfg.model
@@ -661,29 +362,14 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- the loop ----
     accum = run.gradient_accumulation_steps
-    loader = iter(
-        make_loader(
-            dataset,
-            run.batch_size,
-            run.seed,
-            accelerator.process_index,
-            accelerator.num_processes,
-            start=step * accum,
-        )
-    )
+    loader = batches(dataset, run, accelerator, step)
     alpha_bar = alphas_cumprod(parts.schedule).to(device)
     T, prediction_type = parts.schedule.num_train_timesteps, parts.schedule.prediction_type
     buckets = _bucket_names(T)
     sums, counts = torch.zeros(LOSS_BUCKETS), torch.zeros(LOSS_BUCKETS)
     logged_loss, logged_n, tick = 0.0, 0, time.perf_counter()
     from_cache = items = logged_items = 0
-    bar = tqdm(
-        total=run.max_steps,
-        initial=step,
-        desc="training",
-        dynamic_ncols=True,
-        disable=not (run.progress and accelerator.is_local_main_process),
-    )
+    bar = progress_bar(run, accelerator, step, "training")
     while step < run.max_steps:
         for micro in range(accum):
             batch = next(loader)

@@ -25,17 +25,19 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from PIL import Image
-from tqdm.auto import tqdm
 
 from autoencoder import AUTOENCODER_PRESETS, AutoencoderKL, AutoencoderLoss, AutoencoderLossConfig
 from train.checkpoint import read_checkpoint, write_checkpoint
 from train.data import DataConfig, load_dataset, make_loader
-from train.loop import (
+from train.run import (
     RunConfig,
+    batches,
     check_finite,
+    load_vae_folder,
     log_grid,
     make_accelerator,
     make_optimizer,
+    progress_bar,
     save_grid,
     training_generator,
 )
@@ -70,8 +72,6 @@ def build_autoencoder(cfg: VaeTrainConfig) -> AutoencoderKL:
         torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
         config = replace(AUTOENCODER_PRESETS[name], sample_size=cfg.data.resolution)
         return AutoencoderKL(config)
-    from train.loop import load_vae_folder
-
     return load_vae_folder(cfg.model)
 
 
@@ -187,25 +187,10 @@ def train_vae(cfg: VaeTrainConfig) -> Path:
 
     # ---- the loop ----
     accum = run.gradient_accumulation_steps
-    loader = iter(
-        make_loader(
-            dataset,
-            run.batch_size,
-            run.seed,
-            accelerator.process_index,
-            accelerator.num_processes,
-            start=step * accum,
-        )
-    )
+    loader = batches(dataset, run, accelerator, step)
     sums: dict[str, float] = {}
     logged_n, tick = 0, time.perf_counter()
-    bar = tqdm(
-        total=run.max_steps,
-        initial=step,
-        desc="training autoencoder",
-        dynamic_ncols=True,
-        disable=not (run.progress and accelerator.is_local_main_process),
-    )
+    bar = progress_bar(run, accelerator, step, "training autoencoder")
     while step < run.max_steps:
         disc_on = loss_fn.disc_active(step)
         pairs = []
