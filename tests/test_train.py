@@ -341,3 +341,25 @@ def test_train_vae_then_a_model_from_scratch(shapes, tmp_path):
     pipe = TextToImagePipeline.from_pretrained(model)
     assert pipe.vae.config.scaling_factor == saved["scaling_factor"]
     assert pipe.unet.config.sample_size == 4 and pipe.text_encoder.model.config.hidden_size == 32
+
+
+def test_decoder_only_fine_tune_keeps_the_latents(shapes, tmp_path, capsys):
+    from pipelines.loading import load_vae
+    from train.cli_vae import main as train_vae_main
+
+    common = ["--data", str(shapes[0]), "--resolution", "32", "--batch-size", "2",
+              "--no-progress", "--learning-rate", "1e-3", "--disc-weight", "0"]  # fmt: skip
+    assert train_vae_main(["--model", "preset:tiny", "--output", str(tmp_path / "a"),
+                           "--max-steps", "2", *common]) == 0  # fmt: skip
+    assert train_vae_main(["--model", str(tmp_path / "a"), "--output", str(tmp_path / "b"),
+                           "--max-steps", "2", "--decoder-only", *common]) == 0  # fmt: skip
+    a, b = load_vae(tmp_path / "a"), load_vae(tmp_path / "b")
+    assert a.config.scaling_factor == b.config.scaling_factor
+    sa, sb = a.state_dict(), b.state_dict()
+    frozen = [k for k in sa if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in sa if k.startswith("decoder.")]
+    assert frozen and all(torch.equal(sa[k], sb[k]) for k in frozen)
+    assert any(not torch.equal(sa[k], sb[k]) for k in trained)
+    status = train_vae_main(["--model", "preset:tiny", "--output", str(tmp_path / "c"),
+                             "--max-steps", "1", "--decoder-only", *common])  # fmt: skip
+    assert status == 2 and "--decoder-only fine-tunes an existing" in capsys.readouterr().err

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="latent scaling factor to save (default: measured, 1 / std of latents)",
     )
+    g.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="fine-tune only the decoder of the --model folder: the latents stay the same, so a "
+        "U-Net trained on them keeps working (the scaling factor is kept)",
+    )
     add_data_args(parser, captions=False)
     add_run_args(parser, max_steps=10_000, lr=4.5e-6)
     g = parser.add_argument_group("validation")
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             loss=loss,
             disc_learning_rate=args.disc_learning_rate,
             scaling_factor=args.scaling_factor,
+            decoder_only=args.decoder_only,
             validation_every=args.validation_every,
             validation_images=args.validation_images,
         )

@@ -55,6 +55,9 @@ class VaeTrainConfig:
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     disc_learning_rate: float | None = None  # None: the run's learning rate
     scaling_factor: float | None = None  # None: measured as 1 / std of the latents at the end
+    # fine-tune only the decoder of an existing autoencoder: its latents (and any U-Net trained
+    # on them) stay valid, as Stable Diffusion's ft-MSE decoder was made
+    decoder_only: bool = False
     scale_batches: int = 16  # batches used to measure that std
     validation_every: int = 500
     validation_images: int = 4  # originals (top row) and reconstructions (bottom row)
@@ -135,9 +138,16 @@ def train_vae(cfg: VaeTrainConfig) -> Path:
     # ---- data, models, optimizers ----
     dataset = load_dataset(cfg.data, run.seed, captions=False)
     vae = build_autoencoder(cfg).to(device).train().requires_grad_(True)
+    if cfg.decoder_only:
+        if cfg.model.startswith("preset:"):
+            raise ValueError("--decoder-only fine-tunes an existing autoencoder: give --model a "
+                             "vae folder, not a preset")
+        vae.encoder.requires_grad_(False)
+        if getattr(vae, "quant_conv", None) is not None:
+            vae.quant_conv.requires_grad_(False)
     loss_fn = AutoencoderLoss(cfg.loss, vae.config.in_channels).to(device)
     disc = loss_fn.discriminator
-    opt_g, sched_g = make_optimizer(list(vae.parameters()), run)
+    opt_g, sched_g = make_optimizer([p for p in vae.parameters() if p.requires_grad], run)
     disc_run = replace(run, learning_rate=cfg.disc_learning_rate or run.learning_rate)
     opt_d, sched_d = make_optimizer(list(disc.parameters()), disc_run)
     wrapped, opt_g, opt_d = accelerator.prepare(vae, opt_g, opt_d)
@@ -252,7 +262,10 @@ def train_vae(cfg: VaeTrainConfig) -> Path:
 
     # ---- the result: the autoencoder folder, with its measured latent scale ----
     vae.eval()
-    scale = cfg.scaling_factor or measure_scaling_factor(vae, dataset, cfg, accelerator)
+    if cfg.decoder_only:  # the encoder is unchanged, and so is the latents' scale
+        scale = cfg.scaling_factor or vae.config.scaling_factor
+    else:
+        scale = cfg.scaling_factor or measure_scaling_factor(vae, dataset, cfg, accelerator)
     if accelerator.is_main_process:
         vae.config = replace(vae.config, scaling_factor=scale)
         save_module(output, "AutoencoderKL", vae.config.to_diffusers(), vae)
