@@ -249,12 +249,14 @@ class DiffusionPipeline:
     def _model_fn(self, concat: torch.Tensor | None):
         """The U-Net as a function (x_in, t, context) -> prediction, in float32 outside."""
         unet, dtype = self.unet, self.dtype
+        extra: dict[int, torch.Tensor] = {}  # the concat inputs per batch size, built once
 
         def model(x_in, t, context):
             if concat is not None:  # inpainting / super-resolution inputs, same for both branches
-                x_in = torch.cat(
-                    [x_in, concat.repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)], 1
-                )
+                n = x_in.shape[0]
+                if n not in extra:
+                    extra[n] = concat.repeat(n // concat.shape[0], 1, 1, 1)
+                x_in = torch.cat([x_in, extra[n]], 1)
             return unet(x_in.to(dtype), t, context.to(dtype)).float()
 
         return model
