@@ -69,45 +69,27 @@ def stage_data(work: Path, args) -> None:
 def stage_vae(work: Path, args) -> None:
     from train.cli_vae import main as train_vae
 
+    # fmt: off
+    common = ["--data", str(work / "shapes-train"), "--resolution", "32", "--no-resize",
+              "--random-crop", "--batch-size", "16", "--lr-scheduler", "cosine",
+              "--disc-weight", "0", "--checkpoints-total-limit", "2", "--report-to", "csv",
+              "--no-progress"]
     out = work / "vae"
-    if (out / "config.json").is_file():
-        return
-    argv = [
-        "--model",
-        "preset:shapes",
-        "--data",
-        str(work / "shapes-train"),
-        "--output",
-        str(out),
-        "--resolution",
-        "32",
-        "--no-resize",
-        "--random-crop",
-        "--max-steps",
-        str(args.vae_steps),
-        "--batch-size",
-        "16",
-        "--learning-rate",
-        "5e-4",
-        "--lr-scheduler",
-        "cosine",
-        "--lr-warmup-steps",
-        "200",
-        "--disc-weight",
-        "0",
-        "--checkpoint-every",
-        "500",
-        "--checkpoints-total-limit",
-        "2",
-        "--seed",
-        str(args.seed),
-        "--report-to",
-        "csv",
-        "--no-progress",
-        *_resume(out),
-    ]
-    if train_vae(argv):
-        raise SystemExit("ldm train-default: the autoencoder stage failed")
+    if not (out / "config.json").is_file():
+        argv = ["--model", "preset:shapes", "--output", str(out), "--max-steps",
+                str(args.vae_steps), "--learning-rate", "5e-4", "--lr-warmup-steps", "200",
+                "--checkpoint-every", "500", "--seed", str(args.seed), *common, *_resume(out)]
+        if train_vae(argv):
+            raise SystemExit("ldm train-default: the autoencoder stage failed")
+    tuned = work / "vae-ft"  # decoder-only L2 fine-tune: same latents, sharper decodes
+    if not (tuned / "config.json").is_file():
+        argv = ["--model", str(out), "--decoder-only", "--pixel-loss", "l2", "--output",
+                str(tuned), "--max-steps", str(args.decoder_steps), "--learning-rate", "2e-4",
+                "--lr-warmup-steps", "100", "--checkpoint-every", "1000", "--seed",
+                str(args.seed + 1), *common, *_resume(tuned)]
+        if train_vae(argv):
+            raise SystemExit("ldm train-default: the decoder fine-tune failed")
+    # fmt: on
 
 
 def stage_unet(work: Path, args) -> None:
