@@ -3,7 +3,7 @@
     python bench/gpu.py                               # CUDA: SD 1.5 architecture, ~6 minutes
     python bench/gpu.py --smoke                       # CPU, tiny models, seconds (a test runs it)
     python bench/gpu.py --json run.json               # also write the measurements
-    python bench/gpu.py --from-json run.json --write  # put a saved run into BENCHMARKS.md
+    python bench/gpu.py --from-json a.json b.json --write  # saved runs into BENCHMARKS.md
     bash bench/gpu.sh                                 # the device machine's entry point
 
 It prints one table at the end:
@@ -136,6 +136,7 @@ class Run:
     def stage(self, section: str, name: str, need: str, fn):
         """fn() if the time left allows; an exception becomes an 'error' row, not the end."""
         needed = NEEDS[need] if self.args.size == "sd15" else 0
+        needed = min(needed, 45) if self.args.quick else needed  # --quick: let the alarm judge
         left = self.args.budget - (time.perf_counter() - self.t0)
         if left < needed:
             self.add(section, name, f"not run: {left:.0f} s left, needs ~{needed} s", "", "skip")
@@ -169,7 +170,7 @@ def meta(args) -> dict:
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, **versions,
         "size": args.size, "config": asdict(SIZES[args.size]), "compile_mode": args.compile_mode,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick,
     }  # fmt: skip
 
 
@@ -290,6 +291,39 @@ def load_diffusers(run: Run, ours, folder: str):
     return pipe.to(run.device)
 
 
+def launch_profile(run: Run, label: str, unet, ours: bool) -> None:
+    """One U-Net call (batch 2, speed size) under the profiler: kernels launched, their summed
+    GPU time and the call's wall time. GPU time well under wall time means launch-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, t, ctx, _ = run.probe
+    call = (lambda: unet(x, t, ctx)) if ours else (lambda: unet(x, t.reshape(1), ctx).sample)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with torch.inference_mode():
+        for _ in range(3):
+            call()
+        sync(run.device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            call()
+            sync(run.device)
+            wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.device_time for e in kernels) / 1e6  # microseconds -> seconds
+    run.data.setdefault("profile", {})[label] = {
+        "kernels": len(kernels),
+        "gpu_s": gpu,
+        "wall_s": wall,
+    }
+    run.add(
+        "speed",
+        f"profile: one U-Net call, {label}",
+        f"{len(kernels)} kernels · {1e3 * gpu:.2f} ms GPU · {1e3 * wall:.2f} ms wall (profiled)",
+    )
+    top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    print(top, flush=True)
+
+
 def with_graph(run: Run, pipe, label: str) -> dict:
     """Time the pipeline with its U-Net replayed from a CUDA graph, then remove the graph."""
     unet = pipe.unet
@@ -317,17 +351,30 @@ def compiled(run: Run, pipe, label: str, ours: bool) -> dict:
     r = time_config(run, label, pipe)
     if ours:
         check_probe(run, pipe, label.removeprefix("ours, "))
+    if run.device == "cuda" and ours:  # (diffusers' U-Net would recompile for the call)
+        launch_profile(run, label, pipe.unet, ours)
     return r
+
+
+def reduce_overhead(run: Run, pipe, label: str) -> dict:
+    """diffusers' U-Net (fused QKV, channels_last) compiled with mode "reduce-overhead":
+    torch.compile's own CUDA graphs, the setting diffusers documents for speed."""
+    if pipe.unet.__dict__.pop("forward", None) is None:  # not yet compiled: prepare as compiled()
+        pipe.unet.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+    backend = "inductor" if run.device == "cuda" else "eager"
+    compile_forward(pipe.unet, "reduce-overhead", backend=backend)
+    return time_config(run, label, pipe)
 
 
 def speed_setup(run: Run, m: Models):
     """Our pipeline in the speed dtype, and the U-Net probe: inputs and eager output."""
     device, dtype, s = run.device, DTYPES[run.size.dtype], run.size.height // 8
     ours, g = make_pipeline(m, device, dtype), torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, s, s, generator=g).to(device, dtype)
-    ctx = torch.randn(2, 77, m.unet.config.cross_attention_dim, generator=g).to(device, dtype)
-    t = torch.tensor(500.0, device=device)  # 0-d float32, as the samplers pass it
-    with torch.inference_mode():
+    with torch.inference_mode():  # inference tensors, as in the pipeline: no recompile for them
+        x = torch.randn(2, 4, s, s, generator=g).to(device, dtype)
+        ctx = torch.randn(2, 77, m.unet.config.cross_attention_dim, generator=g).to(device, dtype)
+        t = torch.tensor(500.0, device=device)  # 0-d float32, as the samplers pass it
         run.probe = (x, t, ctx, ours.unet(x, t, ctx))
     return ours
 
@@ -342,10 +389,18 @@ def speed(run: Run, m: Models) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ref = run.stage("speed", "diffusers loads our saved folder", "diffusers",
                         lambda: load_diffusers(run, ours, tmp))  # fmt: skip
+    if run.args.quick:  # only the fastest compiled setting of each library
+        return speed_quick(run, ours, ref)
     run.stage("speed", "ours, eager", "eager", lambda: time_config(run, "ours, eager", ours))
     if ref is not None:
         run.stage("speed", "diffusers, eager", "eager",
                   lambda: time_config(run, "diffusers, eager", ref))  # fmt: skip
+    if device == "cuda":
+        run.stage("speed", "profile ours", "matmul",
+                  lambda: launch_profile(run, "ours", ours.unet, True))  # fmt: skip
+        if ref is not None:
+            run.stage("speed", "profile diffusers", "matmul",
+                      lambda: launch_profile(run, "diffusers", ref.unet, False))  # fmt: skip
     if "ours, eager" in run.images and "diffusers, eager" in run.images:
         a, b = run.images["ours, eager"], run.images["diffusers, eager"]
         err = float(abs(a.astype("float64") - b.astype("float64")).mean())
@@ -363,7 +418,23 @@ def speed(run: Run, m: Models) -> None:
             run.stage("speed", label, "graph", lambda: with_graph(run, ours, label))
     if ref is not None:
         label = f"diffusers, compiled ({mode})"
-        run.stage("speed", label, "compile", lambda: compiled(run, ref, label, False))
+        if run.stage("speed", label, "compile", lambda: compiled(run, ref, label, False)):
+            if device == "cuda" and mode != "reduce-overhead":
+                label = "diffusers, compiled (reduce-overhead)"
+                run.stage("speed", label, "compile", lambda: reduce_overhead(run, ref, label))
+
+
+def speed_quick(run: Run, ours, ref) -> None:
+    """--quick: ours compiled + CUDA graph against diffusers compiled with reduce-overhead."""
+    mode = run.args.compile_mode
+    label = f"ours, compiled ({mode})"
+    done = run.stage("speed", label, "compile", lambda: compiled(run, ours, label, True))
+    if done is not None and run.device == "cuda":
+        label += " + CUDA graph"
+        run.stage("speed", label, "graph", lambda: with_graph(run, ours, label))
+    if ref is not None:
+        label = "diffusers, compiled (reduce-overhead)"
+        run.stage("speed", label, "compile", lambda: reduce_overhead(run, ref, label))
 
 
 def targets(run: Run) -> None:
@@ -377,6 +448,15 @@ def targets(run: Run) -> None:
             status = ("ok" if ratio >= TARGET_RATIO else "miss") if judged else "info"
             run.add("targets", f"ours / diffusers it/s, {kind}", f"{ratio:.2f}×",
                     f"≥ {TARGET_RATIO}×", status)  # fmt: skip
+    ours, theirs = (
+        speed.get(f"ours, compiled ({mode}) + CUDA graph"),
+        speed.get("diffusers, compiled (reduce-overhead)"),
+    )
+    if ours and theirs:  # each library's fastest documented setting: both replay CUDA graphs
+        ratio = ours["it_s"] / theirs["it_s"]
+        status = ("ok" if ratio >= TARGET_RATIO else "miss") if judged else "info"
+        run.add("targets", "ours / diffusers it/s, compiled + CUDA graphs", f"{ratio:.2f}×",
+                f"≥ {TARGET_RATIO}×", status)  # fmt: skip
     best = [(r["it_s"], k) for k, r in speed.items() if k.startswith("ours, compiled")]
     if best:
         its, label = max(best)
@@ -387,18 +467,28 @@ def targets(run: Run) -> None:
 # ------------------------------------------------------------------------------------ table
 
 
-def markdown(data: dict, rows: list[Row]) -> str:
+TITLE = "## GPU: correctness, and speed against diffusers (`bench/gpu.py`)\n\n"
+
+
+def markdown(runs: list[tuple[dict, list[Row]]]) -> str:
+    """The section: one paragraph and table per run (several runs: --from-json a.json b.json)."""
+    return TITLE + "\n".join(run_markdown(data, rows) for data, rows in runs)
+
+
+def run_markdown(data: dict, rows: list[Row]) -> str:
     m, c = data["meta"], data["meta"]["config"]
+    quick = (
+        " `--quick` (only the fastest compiled setting of each library);" if m.get("quick") else ""
+    )
     head = (
-        "## GPU: correctness, and speed against diffusers (`bench/gpu.py`)\n\n"
         f"{m['device']}, torch {m['torch']}"
         + (f" (CUDA {m['cuda']})" if m["cuda"] else "")
         + f", diffusers {m['diffusers']}, "
         f"xformers {m['xformers']}; size `{m['size']}`: {c['height']}² px, {c['steps']} DDIM "
         f"steps, {c['dtype']}, guidance {GUIDANCE}, batch 1; compile mode "
-        f"`{m['compile_mode']}`; {m['date']}. Errors are max|a − b| / max|b| against our CPU "
-        "float32 result unless stated; it/s = (steps − 1) / (full call − 1-step call); the FLOP "
-        "bound is (U-Net FLOPs × 2 × steps + decoder FLOPs) / the measured matmul rate.\n\n"
+        f"`{m['compile_mode']}`;{quick} {m['date']}. Errors are max|a − b| / max|b| against our "
+        "CPU float32 result unless stated; it/s = (steps − 1) / (full call − 1-step call); the "
+        "FLOP bound is (U-Net FLOPs × 2 × steps + decoder FLOPs) / the measured matmul rate.\n\n"
         "| section | check | result | target | status |\n|---|---|---|---|---|\n"
     )
     order = ["setup", "correctness", "FLOP bound", "speed", "targets"]
@@ -413,6 +503,8 @@ def run_all(run: Run) -> None:
     m = run.stage("setup", "build models", "build", lambda: build(run.size))
     if m is None:
         return
+    if run.args.quick:
+        return speed(run, m)
     with no_tf32():
         run.stage("correctness", "U-Net", "unet", lambda: check_unet(run, m))
         run.stage("correctness", "VAE", "vae", lambda: check_vae(run, m))
@@ -431,8 +523,19 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (smoke default: 1)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode, both libraries")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled configurations")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="only ours compiled + CUDA graph vs diffusers reduce-overhead (no checks)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the measurements here")
-    p.add_argument("--from-json", type=Path, default=None, help="render a saved run; run nothing")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="render saved runs (one table each); run nothing",
+    )
     p.add_argument("--write", action="store_true", help="replace this script's BENCHMARKS.md part")
     p.add_argument("--benchmarks-file", type=Path, default=ROOT / "BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -447,8 +550,8 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        data = json.loads(args.from_json.read_text())
-        rows = [Row(**r) for r in data["rows"]]
+        runs = [json.loads(path.read_text()) for path in args.from_json]
+        runs = [(data, [Row(**r) for r in data["rows"]]) for data in runs]
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -469,13 +572,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             signal.alarm(0)
         run.save()
-        data, rows = run.data, run.rows
-    text = markdown(data, rows)
+        runs = [(run.data, run.rows)]
+    text = markdown(runs)
     print("\n" + text, flush=True)
     if args.write:
         write_section(args.benchmarks_file, text, SECTION_START, SECTION_END)
         print(f"wrote {args.benchmarks_file}")
-    return 1 if any(r.status in ("FAIL", "error") for r in rows) else 0
+    return 1 if any(r.status in ("FAIL", "error") for _, rows in runs for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@
 #       diffusers==0.42.1 open_clip_torch==3.3.0
 # Then, with the device tool, one call (H100; leave kind out):
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)
-# gpu.py's default budget is 400 s (its alarm stops it at 430 s); with the machine's start
-# (1-2 min) that spends about 9 of a task's 15 device-minutes. What is left fits one rerun
-# without the compiled configurations:
-#   run(command="bash bench/gpu.sh --no-compile --budget 200", carry=[".whl"], timeout_s=300)
+# On an H100 (2026-11-26) the whole script ran in 230 s after a 1-2 minute machine start; the
+# compiles dominate (~50 s each on a fresh machine). What is left of a task's 15 device-minutes
+# fits the quick comparison (ours compile + CUDA graph vs diffusers reduce-overhead; 150 s):
+#   run(command="bash bench/gpu.sh --quick --budget 170", carry=[".whl"], timeout_s=200)
 # and then give_back.
 # Its files come back from $OUT: gpu_bench.json (measurements, written after every stage) and
 # gpu_bench.log. Here, put the run into BENCHMARKS.md with:

@@ -74,13 +74,17 @@ def make_pipeline(m: Models, device: str, dtype: torch.dtype, copy: bool = True)
     return pipe
 
 
-def generate(pipe, size_px: int, steps: int):
-    """One image, (1, H, W, 3) floats in [0, 1]: the same seed and call for both libraries."""
+def generate(pipe, size_px: int, steps: int, latents: torch.Tensor | None = None):
+    """One image, (1, H, W, 3) floats in [0, 1]: the same seed and call for both libraries.
+
+    Without `latents` the pipeline draws its noise in its own dtype (as diffusers does), so a
+    float16 call and a float32 call start from different noise; pass latents to compare them.
+    """
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
                     guidance_scale=GUIDANCE, height=size_px, width=size_px, generator=generator,
-                    output_type="np").images  # fmt: skip
+                    latents=latents, output_type="np").images  # fmt: skip
 
 
 def sync(device: str) -> None:
@@ -165,9 +169,13 @@ def check_vae(run: Run, m: Models) -> None:
 def check_pipeline(run: Run, m: Models) -> None:
     """The whole text-to-image call on the device vs on the CPU in float32, same seed."""
     px, steps = run.size.check_height, run.size.check_steps
-    ref = torch.from_numpy(generate(make_pipeline(m, "cpu", torch.float32, copy=False), px, steps))
+    # the same float32 starting noise for every dtype (drawn in float16 it would differ)
+    noise = torch.randn(1, 4, px // 8, px // 8, generator=torch.Generator().manual_seed(4))
+    cpu = make_pipeline(m, "cpu", torch.float32, copy=False)
+    ref = torch.from_numpy(generate(cpu, px, steps, noise))
     for name in ("float32", *LOW_PRECISION):
-        out = torch.from_numpy(generate(make_pipeline(m, run.device, DTYPES[name]), px, steps))
+        pipe = make_pipeline(m, run.device, DTYPES[name])
+        out = torch.from_numpy(generate(pipe, px, steps, noise.to(run.device)))
         diff = (out.double() - ref.double()).abs()
         err = diff.max().item() if name == "float32" else diff.mean().item()
         err = err if torch.isfinite(out).all() else math.inf

@@ -100,3 +100,32 @@ def test_failed_row_gives_exit_status_1(smoke, tmp_path):
     saved.write_text(json.dumps(data))
     proc = _run("--from-json", str(saved))
     assert proc.returncode == 1 and "| correctness | x | y | z | FAIL |" in proc.stdout
+
+
+def test_quick_measures_only_each_librarys_fastest_compiled_setting(tmp_path):
+    proc = _run("--smoke", "--quick", "--json", str(tmp_path / "quick.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "quick.json").read_text())
+    assert data["meta"]["quick"] is True
+    # on the CPU there is no CUDA graph: ours compiled, diffusers reduce-overhead (traced)
+    assert set(data["speed"]) == {
+        "ours, compiled (default)",
+        "diffusers, compiled (reduce-overhead)",
+    }
+    checks = [r["check"] for r in data["rows"] if r["section"] == "correctness"]
+    assert checks == ["U-Net compiled (default) vs eager, cpu float32"]
+    assert "`--quick`" in proc.stdout
+
+
+def test_from_json_renders_several_runs_under_one_title(smoke, tmp_path):
+    _, data, _ = smoke
+    paths = []
+    for i, quick in enumerate((False, True)):
+        paths.append(tmp_path / f"run{i}.json")
+        run = dict(data, meta=dict(data["meta"], quick=quick, date=f"2026-01-0{i + 1} 00:00"))
+        paths[-1].write_text(json.dumps(run))
+    proc = _run("--from-json", *map(str, paths))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("## GPU: correctness") == 1 and proc.stdout.count(HEADER) == 2
+    first, second = proc.stdout.index("2026-01-01"), proc.stdout.index("2026-01-02")
+    assert first < second and proc.stdout.count("`--quick`") == 1
