@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipelines.loading import DEFAULT_MODEL
@@ -33,3 +34,32 @@ def test_ldm_generate_works_offline_on_the_default_model(tmp_path):
     assert image.size == (64, 64)
     pixels = np.asarray(image, dtype=np.float32) / 255
     assert pixels.std() > 0.05  # not a blank or black image
+
+
+def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path):
+    """The whole recipe (data, three autoencoder passes, U-Net, eval, samples) at toy sizes."""
+    from safetensors.torch import load_file
+
+    from train.default_model import main
+
+    work = tmp_path / "work"
+    tiny = ["--images", "32", "--vae-steps", "2", "--decoder-steps", "2", "--decoder64-steps",
+            "2", "--unet-steps", "2", "--batch-size", "4", "--eval-prompts", "4"]  # fmt: skip
+    assert main(["--work", str(work), *tiny]) == 0
+    for folder in ("vae", "vae-ft", "vae-ft64", "pipeline"):
+        assert (work / folder / "config.json").is_file() or folder == "pipeline", folder
+    # the pipeline decodes with the last (whole-image) decoder, on the base encoder's latents
+    name = "diffusion_pytorch_model.safetensors"
+    shipped, whole = (
+        load_file(work / "pipeline" / "vae" / name),
+        load_file(work / "vae-ft64" / name),
+    )
+    base = load_file(work / "vae" / name)
+    assert all(torch.equal(shipped[k], whole[k]) for k in whole)
+    assert all(torch.equal(shipped[k], base[k]) for k in base if k.startswith("encoder."))
+    assert any(not torch.equal(shipped[k], base[k]) for k in base if k.startswith("decoder."))
+    result = json.loads((work / "eval.json").read_text())
+    assert result["n_images"] == 4 and 0 < result["psnr"] < 100
+    assert (work / "pipeline" / "samples.png").is_file()
+    defaults = json.loads((work / "pipeline" / "generation_defaults.json").read_text())
+    assert defaults["num_inference_steps"] == 20
