@@ -74,41 +74,35 @@ def stage_data(work: Path, args) -> None:
 
 
 def stage_vae(work: Path, args) -> None:
+    """The autoencoder in three passes, each its own resumable `ldm train-vae` run."""
     from train.cli_vae import main as train_vae
 
-    # fmt: off
-    common = ["--data", str(work / "shapes-train"), "--resolution", "32", "--no-resize",
-              "--random-crop", "--batch-size", "16", "--lr-scheduler", "cosine",
-              "--disc-weight", "0", "--checkpoints-total-limit", "2", "--report-to", "csv",
-              "--no-progress"]
-    common_64 = [*common[:2], "--resolution", "64", "--no-resize", *common[6:]]  # no crop
-    out = work / "vae"
-    if not (out / "config.json").is_file():
-        argv = ["--model", "preset:shapes", "--output", str(out), "--max-steps",
-                str(args.vae_steps), "--learning-rate", "5e-4", "--lr-warmup-steps", "200",
-                "--checkpoint-every", "500", "--seed", str(args.seed), *common, *_resume(out)]
+    crops = ["--resolution", "32", "--no-resize", "--random-crop"]
+    whole = ["--resolution", "64", "--no-resize"]  # the size the model makes
+
+    def run(output: Path, model: str, steps: int, lr: str, size: list[str], extra: list[str]):
+        if (output / "config.json").is_file():
+            return
+        argv = ["--model", model, "--output", str(output), "--max-steps", str(steps),
+                "--learning-rate", lr, "--data", str(work / "shapes-train"), *size,
+                "--batch-size", "16", "--lr-scheduler", "cosine", "--disc-weight", "0",
+                "--checkpoints-total-limit", "2", "--report-to", "csv", "--no-progress",
+                *extra, *_resume(output)]  # fmt: skip
         if train_vae(argv):
-            raise SystemExit("ldm train-default: the autoencoder stage failed")
-    tuned = work / "vae-ft"  # decoder-only L2 fine-tune: same latents, sharper decodes
-    if not (tuned / "config.json").is_file():
-        argv = ["--model", str(out), "--decoder-only", "--pixel-loss", "l2", "--output",
-                str(tuned), "--max-steps", str(args.decoder_steps), "--learning-rate", "2e-4",
-                "--lr-warmup-steps", "100", "--checkpoint-every", "1000", "--seed",
-                str(args.seed + 1), *common, *_resume(tuned)]
-        if train_vae(argv):
-            raise SystemExit("ldm train-default: the decoder fine-tune failed")
+            raise SystemExit(f"ldm train-default: the autoencoder pass {output.name} failed")
+
+    seed = args.seed
+    run(work / "vae", "preset:shapes", args.vae_steps, "5e-4", crops,
+        ["--lr-warmup-steps", "200", "--checkpoint-every", "500", "--seed", str(seed)])  # fmt: skip
+    # decoder-only L2 fine-tunes: the same latents (the U-Net's), sharper decodes
+    decoder = ["--decoder-only", "--pixel-loss", "l2", "--lr-warmup-steps", "100"]
+    run(work / "vae-ft", str(work / "vae"), args.decoder_steps, "2e-4", crops,
+        [*decoder, "--checkpoint-every", "1000", "--seed", str(seed + 1)])  # fmt: skip
     # The crops never show the decoder a whole 64px image, whose 16x16 latent its mid-block
     # attention and GroupNorm see differently: held-out PSNR was 29.5 dB on whole images against
-    # 36.2 dB on 32px crops. A last decoder-only pass on whole images closes most of that gap.
-    whole = work / "vae-ft64"
-    if not (whole / "config.json").is_file():
-        argv = ["--model", str(tuned), "--decoder-only", "--pixel-loss", "l2", "--output",
-                str(whole), "--max-steps", str(args.decoder64_steps), "--learning-rate", "1e-4",
-                "--lr-warmup-steps", "100", "--checkpoint-every", "500", "--seed",
-                str(args.seed + 2), *common_64, *_resume(whole)]
-        if train_vae(argv):
-            raise SystemExit("ldm train-default: the whole-image decoder fine-tune failed")
-    # fmt: on
+    # 36.2 dB on 32px crops. A last pass on whole images closes most of that gap.
+    run(work / "vae-ft64", str(work / "vae-ft"), args.decoder64_steps, "1e-4", whole,
+        [*decoder, "--checkpoint-every", "500", "--seed", str(seed + 2)])  # fmt: skip
 
 
 def stage_unet(work: Path, args) -> None:
