@@ -40,7 +40,7 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path):
     """The whole recipe (data, three autoencoder passes, U-Net, eval, samples) at toy sizes."""
     from safetensors.torch import load_file
 
-    from train.default_model import main
+    from train.default_model import DEFAULT_STEPS, main
 
     work = tmp_path / "work"
     tiny = ["--images", "32", "--vae-steps", "2", "--decoder-steps", "2", "--decoder64-steps",
@@ -62,4 +62,4 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path):
     assert result["n_images"] == 4 and 0 < result["psnr"] < 100
     assert (work / "pipeline" / "samples.png").is_file()
     defaults = json.loads((work / "pipeline" / "generation_defaults.json").read_text())
-    assert defaults["num_inference_steps"] == 20
+    assert defaults["num_inference_steps"] == DEFAULT_STEPS
