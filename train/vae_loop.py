@@ -140,8 +140,10 @@ def train_vae(cfg: VaeTrainConfig) -> Path:
     vae = build_autoencoder(cfg).to(device).train().requires_grad_(True)
     if cfg.decoder_only:
         if cfg.model.startswith("preset:"):
-            raise ValueError("--decoder-only fine-tunes an existing autoencoder: give --model a "
-                             "vae folder, not a preset")
+            raise ValueError(
+                "--decoder-only fine-tunes an existing autoencoder: give --model a "
+                "vae folder, not a preset"
+            )
         vae.encoder.requires_grad_(False)
         if getattr(vae, "quant_conv", None) is not None:
             vae.quant_conv.requires_grad_(False)
