@@ -63,3 +63,7 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path):
     assert (work / "pipeline" / "samples.png").is_file()
     defaults = json.loads((work / "pipeline" / "generation_defaults.json").read_text())
     assert defaults["num_inference_steps"] == DEFAULT_STEPS
+    # v-prediction on a zero-terminal-SNR schedule, sampled from t = T
+    schedule = json.loads((work / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert schedule["prediction_type"] == "v_prediction"
+    assert schedule["rescale_betas_zero_snr"] and schedule["timestep_spacing"] == "trailing"

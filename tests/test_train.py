@@ -292,6 +292,9 @@ def test_bad_data_and_flags_give_clear_errors(pipe_dir, shapes, tmp_path, capsys
     assert "unknown preset" in capsys.readouterr().err
     assert main(["--model", "preset:tiny", "--data", str(shapes[0]), "--output", "x"]) == 2
     assert "--vae" in capsys.readouterr().err
+    assert main([*base, "--data", str(shapes[0]), "--zero-terminal-snr"]) == 2
+    err = capsys.readouterr().err
+    assert "--zero-terminal-snr needs --prediction-type v_prediction" in err
     from accelerate.utils import is_tensorboard_available
 
     if not is_tensorboard_available():
@@ -299,11 +302,36 @@ def test_bad_data_and_flags_give_clear_errors(pipe_dir, shapes, tmp_path, capsys
         assert "pip install tensorboard" in capsys.readouterr().err
 
 
+def test_zero_terminal_snr_fine_tune_saves_a_schedule_diffusers_reads(pipe_dir, shapes, tmp_path):
+    from diffusers import DDIMScheduler
+
+    from ldm.schedule import alphas_cumprod
+    from pipelines import TextToImagePipeline
+    from train.loop import train
+
+    out = train(config(pipe_dir, shapes[0], tmp_path / "out", max_steps=1, batch_size=2,
+                       prediction_type="v_prediction", zero_terminal_snr=True))  # fmt: skip
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+    assert saved["rescale_betas_zero_snr"] is True and saved["timestep_spacing"] == "trailing"
+    schedule = TextToImagePipeline.from_pretrained(out).schedule
+    ours = alphas_cumprod(schedule)
+    theirs = DDIMScheduler.from_pretrained(out, subfolder="scheduler").alphas_cumprod
+    assert ours[-1] == 0 and theirs[-1] == 0  # t = T is pure noise: the zero terminal SNR
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    # rescaled, not replaced (Lin et al., Algorithm 1): sqrt(alpha_bar) is shifted and scaled
+    # so that its first value stays and its last becomes 0; every value between drops
+    before = alphas_cumprod(TextToImagePipeline.from_pretrained(pipe_dir).schedule)
+    assert before[-1] > 1e-3 and torch.isclose(ours[0], before[0], rtol=1e-6, atol=0)
+    assert (ours[1:-1] < before[1:-1]).all()
+
+
 def test_help_documents_every_flag():
     from train.cli import build_parser
 
     text = build_parser().format_help()
     flags = """--model --data --output --vae --prediction-type --snr-gamma --offset-noise
+        --zero-terminal-snr
         --caption-dropout --ema-decay --train-text-encoder --max-steps --batch-size --resolution
         --learning-rate --lr-scheduler --lr-warmup-steps --checkpoint-every
         --checkpoints-total-limit --resume --seed --mixed-precision --gradient-accumulation-steps

@@ -327,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="offset noise strength, e.g. 0.1 (default: 0)",
     )
     g.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="rescale the noise schedule so the last step is pure noise (Lin et al. 2023) and "
+        "sample from it ('trailing' steps); needs --prediction-type v_prediction",
+    )
+    g.add_argument(
         "--caption-dropout",
         type=float,
         default=0.0,
@@ -426,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             prediction_type=args.prediction_type,
             snr_gamma=args.snr_gamma,
             offset_noise=args.offset_noise,
+            zero_terminal_snr=args.zero_terminal_snr,
             caption_dropout=args.caption_dropout,
             ema_decay=args.ema_decay,
             train_text_encoder=args.train_text_encoder,

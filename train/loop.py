@@ -75,6 +75,7 @@ class TrainConfig:
     prediction_type: str | None = None  # None: the model's own (epsilon from scratch)
     snr_gamma: float | None = None
     offset_noise: float = 0.0
+    zero_terminal_snr: bool = False  # rescale betas to alpha_bar_T = 0 (needs v-prediction)
     caption_dropout: float = 0.0
     ema_decay: float | None = None
     train_text_encoder: bool = False

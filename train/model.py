@@ -100,7 +100,28 @@ def build_scratch(name: str, cfg: TrainConfig) -> Components:
     )
     text_encoder = ClipTextEncoder(ClipTextModel(text_config))
     schedule = ScheduleConfig(prediction_type=cfg.prediction_type or "epsilon")
-    return Components(unet, vae, text_encoder, schedule, cfg.save_sampler, source=f"preset:{name}")
+    parts = Components(unet, vae, text_encoder, schedule, cfg.save_sampler, source=f"preset:{name}")
+    return _zero_terminal_snr(parts) if cfg.zero_terminal_snr else parts
+
+
+def _zero_terminal_snr(parts: Components) -> Components:
+    """Lin et al. 2023: betas rescaled so alpha_bar_T = 0, sampling from t = T ("trailing").
+
+    With SNR(T) > 0 the training images keep a trace at t = T that pure-noise sampling never
+    has, so the model learns to read layout and colour from the starting noise instead of the
+    prompt. At SNR 0 the noisy input holds no image, so epsilon cannot be predicted from it:
+    the rescaled schedule needs v-prediction.
+    """
+    if parts.schedule.prediction_type != "v_prediction":
+        raise ValueError(
+            "--zero-terminal-snr needs --prediction-type v_prediction: at alpha_bar_T = 0 the "
+            f"input is pure noise and a {parts.schedule.prediction_type} model cannot recover "
+            "the image from it"
+        )
+    parts.schedule = replace(
+        parts.schedule, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    return parts
 
 
 def load_components(cfg: TrainConfig) -> Components:
@@ -120,6 +141,9 @@ def load_components(cfg: TrainConfig) -> Components:
             cfg.prediction_type,
         )
         parts.schedule = replace(parts.schedule, prediction_type=cfg.prediction_type)
+    if cfg.zero_terminal_snr and not parts.schedule.rescale_betas_zero_snr:
+        logger.warning("fine-tuning to a zero-terminal-SNR schedule (--zero-terminal-snr)")
+        parts = _zero_terminal_snr(parts)
     return parts
 
 
