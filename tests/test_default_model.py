@@ -36,7 +36,7 @@ def test_ldm_generate_works_offline_on_the_default_model(tmp_path):
     assert pixels.std() > 0.05  # not a blank or black image
 
 
-def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path):
+def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     """The whole recipe (data, three autoencoder passes, U-Net, eval, samples) at toy sizes."""
     from safetensors.torch import load_file
 
@@ -67,3 +67,14 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path):
     schedule = json.loads((work / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert schedule["prediction_type"] == "v_prediction"
     assert schedule["rescale_betas_zero_snr"] and schedule["timestep_spacing"] == "trailing"
+
+    # --install copies the model, not the run's checkpoints, logs or latent cache
+    assert (work / "pipeline" / "cache").is_dir() and (work / "pipeline" / "checkpoints").is_dir()
+    import pipelines.loading
+
+    monkeypatch.setattr(pipelines.loading, "DEFAULT_MODEL", tmp_path / "installed")
+    from train.default_model import install
+
+    installed = install(work)
+    assert (installed / "model_index.json").is_file() and (installed / "samples.png").is_file()
+    assert not {"cache", "checkpoints", "logs"} & {p.name for p in installed.iterdir()}

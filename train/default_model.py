@@ -21,7 +21,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
-DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SAMPLER = 10, 4.0, "dpmpp_2m"
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SAMPLER = 10, 3.0, "dpmpp_2m"
 STAGES = ("data", "vae", "unet", "eval", "samples")
 SAMPLE_PROMPTS = (
     "a red circle on the left",
@@ -276,7 +276,7 @@ def install(work: Path) -> Path:
     shutil.copytree(
         work / "pipeline",
         DEFAULT_MODEL,
-        ignore=shutil.ignore_patterns("checkpoints", "logs", "validation*", "*.tmp"),
+        ignore=shutil.ignore_patterns("checkpoints", "logs", "cache", "validation*", "*.tmp"),
     )
     return DEFAULT_MODEL
 
