@@ -5,6 +5,7 @@ its own layer and is imported only when named.
 """
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
@@ -45,5 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def run() -> None:
+    """The `ldm` program: main(), then, after `generate`, an exit that skips Python's teardown.
+
+    With torch loaded, the interpreter's shutdown (module teardown, garbage collection) takes
+    ~0.5 s, a fifth of a whole `ldm generate`. By the time generate returns, its images are
+    written and closed; the standard streams are flushed here, then the process ends at once.
+    Other commands (training: trackers, data workers) exit the usual way.
+    """
+    code = main()
+    if sys.argv[1:2] == ["generate"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
