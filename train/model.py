@@ -21,6 +21,7 @@ from train.data import DataConfig
 from train.run import load_vae_folder
 
 if TYPE_CHECKING:
+    from ldm.schedule import ScheduleConfig
     from train.loop import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -100,11 +101,12 @@ def build_scratch(name: str, cfg: TrainConfig) -> Components:
     )
     text_encoder = ClipTextEncoder(ClipTextModel(text_config))
     schedule = ScheduleConfig(prediction_type=cfg.prediction_type or "epsilon")
-    parts = Components(unet, vae, text_encoder, schedule, cfg.save_sampler, source=f"preset:{name}")
-    return _zero_terminal_snr(parts) if cfg.zero_terminal_snr else parts
+    if cfg.zero_terminal_snr:
+        schedule = _zero_terminal_snr(schedule)
+    return Components(unet, vae, text_encoder, schedule, cfg.save_sampler, source=f"preset:{name}")
 
 
-def _zero_terminal_snr(parts: Components) -> Components:
+def _zero_terminal_snr(schedule: ScheduleConfig) -> ScheduleConfig:
     """Lin et al. 2023: betas rescaled so alpha_bar_T = 0, sampling from t = T ("trailing").
 
     With SNR(T) > 0 the training images keep a trace at t = T that pure-noise sampling never
@@ -112,16 +114,13 @@ def _zero_terminal_snr(parts: Components) -> Components:
     prompt. At SNR 0 the noisy input holds no image, so epsilon cannot be predicted from it:
     the rescaled schedule needs v-prediction.
     """
-    if parts.schedule.prediction_type != "v_prediction":
+    if schedule.prediction_type != "v_prediction":
         raise ValueError(
             "--zero-terminal-snr needs --prediction-type v_prediction: at alpha_bar_T = 0 the "
-            f"input is pure noise and a {parts.schedule.prediction_type} model cannot recover "
+            f"input is pure noise and a {schedule.prediction_type} model cannot recover "
             "the image from it"
         )
-    parts.schedule = replace(
-        parts.schedule, rescale_betas_zero_snr=True, timestep_spacing="trailing"
-    )
-    return parts
+    return replace(schedule, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 def load_components(cfg: TrainConfig) -> Components:
@@ -143,7 +142,7 @@ def load_components(cfg: TrainConfig) -> Components:
         parts.schedule = replace(parts.schedule, prediction_type=cfg.prediction_type)
     if cfg.zero_terminal_snr and not parts.schedule.rescale_betas_zero_snr:
         logger.warning("fine-tuning to a zero-terminal-SNR schedule (--zero-terminal-snr)")
-        parts = _zero_terminal_snr(parts)
+        parts.schedule = _zero_terminal_snr(parts.schedule)
     return parts
 
 
