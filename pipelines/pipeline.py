@@ -155,12 +155,18 @@ class DiffusionPipeline:
 
         unload_lora(self, adapter_name)
 
-    def compile(self, mode: str = "max-autotune-no-cudagraphs", *, cuda_graph: bool = False):
+    def compile(
+        self,
+        mode: str = "max-autotune-no-cudagraphs",
+        *,
+        cuda_graph: bool = False,
+        cpp_wrapper: bool = False,
+    ):
         """torch.compile the U-Net in place (fused QKV, channels_last); optionally replay it from
-        CUDA graphs (fixed shapes only)."""
+        CUDA graphs (fixed shapes only), or launch its kernels from C++ (`cpp_wrapper`)."""
         from pipelines.speed import compile_unet, cuda_graph_unet
 
-        compile_unet(self, mode)
+        compile_unet(self, mode, cpp_wrapper=cpp_wrapper)
         return cuda_graph_unet(self) if cuda_graph else self
 
     def to(self, device=None, dtype: torch.dtype | None = None):

@@ -129,3 +129,20 @@ def test_speed_helpers_refuse_bad_input():
     assert not any(isinstance(m, Attention) and m.fused for m in pipe.unet.modules())
     with pytest.raises(ValueError, match="CUDA"):
         cuda_graph_unet(pipe)
+
+
+def test_cpp_wrapper_spells_out_the_mode_for_inductor(monkeypatch):
+    """torch.compile refuses a mode together with options: the C++ wrapper option carries the
+    mode's own options with it."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    pipe = _tiny_pipeline()
+    compile_unet(pipe, "max-autotune-no-cudagraphs", cpp_wrapper=True)
+    assert "mode" not in seen[0]
+    assert seen[0]["options"] == {"max_autotune": True, "coordinate_descent_tuning": True,
+                                  "cpp_wrapper": True}  # fmt: skip
+    reset_unet(pipe)
+    compile_forward(pipe.unet, "default")
+    assert seen[1]["mode"] == "default" and "options" not in seen[1]
+    compile_forward(pipe.unet, "default", backend="eager", cpp_wrapper=True)  # no inductor
+    assert "options" not in seen[2] and "mode" not in seen[2]
