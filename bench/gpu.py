@@ -91,7 +91,8 @@ SIZES = {
 }
 # seconds each stage needs on an H100 at size sd15; a stage starts only if that much is left
 NEEDS = {"build": 30, "unet": 40, "vae": 30, "pipeline": 60, "nan_guard": 10, "flops": 10,
-         "matmul": 10, "diffusers": 45, "eager": 30, "graph": 30, "compile": 150}  # fmt: skip
+         "matmul": 10, "diffusers": 45, "eager": 30, "graph": 30, "compile": 150,
+         "cpp": 210}  # fmt: skip
 
 
 class TimeUp(BaseException):
@@ -420,17 +421,13 @@ def speed(run: Run, m: Models) -> None:
     if run.args.no_compile:
         return
     ours_compiled(run, ours)
-    cpp = device == "cuda" and mode != "reduce-overhead"  # C++ launches: without CUDA graphs
-    if cpp:
-        label = f"ours, compiled ({mode}, C++ wrapper)"
-        run.stage("speed", label, "compile", lambda: compiled(run, ours, label, True, True))
+    if with_cpp_wrapper(run):
+        cpp_wrapper(run, ours, None)
     if ref is not None:
         label = f"diffusers, compiled ({mode})"
         if run.stage("speed", label, "compile", lambda: compiled(run, ref, label, False)):
-            if cpp:
-                label = f"diffusers, compiled ({mode}, C++ wrapper)"
-                run.stage("speed", label, "compile",
-                          lambda: compiled(run, ref, label, False, True))  # fmt: skip
+            if with_cpp_wrapper(run):
+                cpp_wrapper(run, None, ref)
             if device == "cuda" and mode != "reduce-overhead":
                 label = "diffusers, compiled (reduce-overhead)"
                 run.stage("speed", label, "compile", lambda: reduce_overhead(run, ref, label))
@@ -445,8 +442,32 @@ def ours_compiled(run: Run, ours) -> None:
         run.stage("speed", label, "graph", lambda: with_graph(run, ours, label))
 
 
+def with_cpp_wrapper(run: Run) -> bool:
+    """--cpp-wrapper, for a mode without CUDA graphs (its point is the launch cost); on the CPU
+    smoke run the rows are traced only, as every compiled row there."""
+    return run.args.cpp_wrapper and run.args.compile_mode in (
+        "default", "max-autotune-no-cudagraphs")  # fmt: skip
+
+
+def cpp_wrapper(run: Run, ours, ref) -> None:
+    """The U-Net compiled with inductor's C++ wrapper (~200 s to compile on an H100)."""
+    for pipe, name in ((ours, "ours"), (ref, "diffusers")):
+        if pipe is not None:
+            label = f"{name}, compiled ({run.args.compile_mode}, C++ wrapper)"
+            run.stage("speed", label, "cpp",
+                      lambda: compiled(run, pipe, label, pipe is ours, True))  # fmt: skip
+
+
 def speed_quick(run: Run, ours, ref) -> None:
-    """--quick: ours compiled + CUDA graph against diffusers compiled with reduce-overhead."""
+    """--quick: ours compiled + CUDA graph against diffusers compiled with reduce-overhead;
+    with --cpp-wrapper, both libraries compiled with and without the C++ wrapper instead."""
+    if with_cpp_wrapper(run):
+        for pipe, name in ((ours, "ours"), (ref, "diffusers")):
+            if pipe is not None:
+                label = f"{name}, compiled ({run.args.compile_mode})"
+                run.stage("speed", label, "compile",
+                          lambda: compiled(run, pipe, label, pipe is ours))  # fmt: skip
+        return cpp_wrapper(run, ours, ref)
     ours_compiled(run, ours)
     if ref is not None:
         label = "diffusers, compiled (reduce-overhead)"
@@ -539,6 +560,12 @@ def parse_args(argv) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="only ours compiled + CUDA graph vs diffusers reduce-overhead (no checks)",
+    )
+    p.add_argument(
+        "--cpp-wrapper",
+        action="store_true",
+        help="also compile both U-Nets with inductor's C++ wrapper (CUDA; ~200 s per compile); "
+        "with --quick, only the compiled U-Nets with and without it",
     )
     p.add_argument("--json", type=Path, default=None, help="write the measurements here")
     p.add_argument(

@@ -19,7 +19,9 @@
 # compiles dominate (~50 s each on a fresh machine). What is left of a task's 15 device-minutes
 # fits the quick comparison (ours compile + CUDA graph vs diffusers reduce-overhead; 150 s):
 #   run(command="bash bench/gpu.sh --quick --budget 170", carry=[".whl"], timeout_s=200)
-# and then give_back.
+# and then give_back. Inductor's C++ wrapper (--cpp-wrapper) compiles take ~200 s each, so its
+# like-for-like comparison is a call of its own (both libraries, with and without; ~500 s):
+#   run(command="bash bench/gpu.sh --quick --cpp-wrapper --budget 530", carry=[".whl"], timeout_s=590)
 # Its files come back from $OUT: gpu_bench.json (measurements, written after every stage) and
 # gpu_bench.log. Here, put the run into BENCHMARKS.md with:
 #   .venv/bin/python bench/gpu.py --from-json <files_at>/gpu_bench.json --write

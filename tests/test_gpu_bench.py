@@ -117,6 +117,24 @@ def test_quick_measures_only_each_librarys_fastest_compiled_setting(tmp_path):
     assert "`--quick`" in proc.stdout
 
 
+def test_quick_cpp_wrapper_compiles_both_libraries_with_and_without_it(tmp_path):
+    proc = _run("--smoke", "--quick", "--cpp-wrapper", "--json", str(tmp_path / "cpp.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "cpp.json").read_text())
+    assert set(data["speed"]) == {
+        f"{name}, compiled (default{cpp})"
+        for name in ("ours", "diffusers")
+        for cpp in ("", ", C++ wrapper")
+    }
+    checks = [r["check"] for r in data["rows"] if r["section"] == "correctness"]
+    assert checks == [
+        "U-Net compiled (default) vs eager, cpu float32",
+        "U-Net compiled (default, C++ wrapper) vs eager, cpu float32",
+    ]
+    targets = [r["check"] for r in data["rows"] if r["section"] == "targets"]
+    assert "ours / diffusers it/s, compiled (default, C++ wrapper)" in targets
+
+
 def test_from_json_renders_several_runs_under_one_title(smoke, tmp_path):
     _, data, _ = smoke
     paths = []
