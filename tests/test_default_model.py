@@ -64,6 +64,15 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     assert (work / "pipeline" / "samples.png").is_file()
     defaults = json.loads((work / "pipeline" / "generation_defaults.json").read_text())
     assert defaults["num_inference_steps"] == DEFAULT_STEPS
+    # the text encoder is stored in float16 and loads back in float32 (our loader, transformers')
+    text = work / "pipeline" / "text_encoder"
+    assert {v.dtype for v in load_file(text / "model.safetensors").values()} == {torch.float16}
+    from transformers import CLIPTextModel
+
+    from text_encoder import ClipTextModel
+
+    assert next(ClipTextModel.from_pretrained(text).parameters()).dtype == torch.float32
+    assert CLIPTextModel.from_pretrained(text).dtype == torch.float32
     # v-prediction on a zero-terminal-SNR schedule, sampled from t = T
     schedule = json.loads((work / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert schedule["prediction_type"] == "v_prediction"

@@ -10,7 +10,8 @@ its newest checkpoint):
               v-prediction on a zero-terminal-SNR schedule, cached latents
   4. eval     GenEval-style accuracy on held-out prompts and autoencoder PSNR on held-out images
   5. samples  a captioned grid of sample images (samples.png) and the model card
-  6. install  the pipeline folder copied to pipelines/default_model (with --install)
+  6. install  the pipeline folder copied to pipelines/default_model (with --install); the text
+              encoder is stored in float16 (loaded back in float32) to fit the 25 MB budget
 """
 
 from __future__ import annotations
@@ -179,6 +180,23 @@ def stage_unet(work: Path, args) -> None:
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         shutil.copy(work / "vae-ft64" / name, out / "vae" / name)
     _set_generation_defaults(out)
+    _store_text_encoder_in_float16(out)
+
+
+def _store_text_encoder_in_float16(folder: Path) -> None:
+    """Halve the text encoder's file; its config keeps "dtype": "float32", so our loader and
+    transformers' both load it back in float32 (its 49408 x width token embedding is most of
+    the model's bytes: 12.6 MB of float32 at width 64, against a 25 MB budget)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "text_encoder" / "model.safetensors"
+    config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    if (config.get("dtype") or config.get("torch_dtype")) != "float32":
+        raise ValueError(f"{path.parent}: expected a float32 text encoder config, got {config}")
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    tmp.replace(path)
 
 
 def _set_generation_defaults(folder: Path) -> None:
