@@ -248,6 +248,16 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         cross_attention_dim=32,
         norm_num_groups=8,
     ),
+    # "shapes" with cross-attention at every level and a 64-wide text context
+    "shapes2": UNetConfig(
+        sample_size=16,
+        block_out_channels=(32, 64, 64),
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    ),
     # a few hundred thousand parameters, for tests
     "tiny": UNetConfig(
         sample_size=16,

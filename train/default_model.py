@@ -7,11 +7,11 @@ its newest checkpoint):
               decoder-only L2 fine-tune on whole 64x64 images (same latents, sharper decodes:
               higher PSNR), optionally after one on crops (--decoder-steps)
   3. unet     `ldm train --model preset:shapes` (U-Net + a small CLIP text encoder from scratch),
-              v-prediction on a zero-terminal-SNR schedule, cached latents
+              v-prediction on a zero-terminal-SNR schedule, cached latents; the text encoder
+              is stored in float16 (loaded back in float32) to fit the 25 MB budget
   4. eval     GenEval-style accuracy on held-out prompts and autoencoder PSNR on held-out images
   5. samples  a captioned grid of sample images (samples.png) and the model card
-  6. install  the pipeline folder copied to pipelines/default_model (with --install); the text
-              encoder is stored in float16 (loaded back in float32) to fit the 25 MB budget
+  6. install  the pipeline folder copied to pipelines/default_model (with --install)
 """
 
 from __future__ import annotations

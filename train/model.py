@@ -44,6 +44,7 @@ SCRATCH_PRESETS: dict[str, ScratchPreset] = {
     # the shipped default model: a 32-wide, 3-layer text encoder (its 49408-token embedding
     # is most of its 1.6M parameters)
     "shapes": ScratchPreset(unet="shapes", text_layers=3, text_heads=1),
+    "shapes2": ScratchPreset(unet="shapes2", text_layers=4, text_heads=4),
 }
 
 
