@@ -18,6 +18,7 @@ COMMANDS = {
     "push": ("pipelines.cli_push", "upload a saved model folder to the Hugging Face Hub"),
     "train": ("train.cli", "train or fine-tune a text-to-image model on captioned images"),
     "train-vae": ("train.cli_vae", "train the KL autoencoder from scratch"),
+    "train-text": ("train.text_pretrain", "pretrain a small CLIP text encoder contrastively"),
     "train-default": ("train.default_model", "re-train the embedded default model from scratch"),
     "shapes": ("train.shapes", "write the synthetic captioned shapes dataset"),
     "evaluate": ("train.evaluate", "score images or a model on the shapes benchmark"),

@@ -337,14 +337,14 @@ def test_help_documents_every_flag():
         --checkpoints-total-limit --resume --seed --mixed-precision --gradient-accumulation-steps
         --gradient-checkpointing --image-column --caption-column --validation-prompt
         --validation-every --num-workers --center-crop --random-crop --random-flip --report-to
-        --strict""".split()
+        --strict --text-encoder""".split()
     assert not [f for f in flags if f not in text]
 
 
 # ---- from scratch ----
 
 
-def test_train_vae_then_a_model_from_scratch(shapes, tmp_path):
+def test_train_vae_then_a_model_from_scratch(shapes, tmp_path, capsys):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
     from pipelines import TextToImagePipeline
@@ -369,6 +369,39 @@ def test_train_vae_then_a_model_from_scratch(shapes, tmp_path):
     pipe = TextToImagePipeline.from_pretrained(model)
     assert pipe.vae.config.scaling_factor == saved["scaling_factor"]
     assert pipe.unet.config.sample_size == 4 and pipe.text_encoder.model.config.hidden_size == 32
+
+    # a contrastively pretrained text encoder (`ldm train-text`), kept frozen by `ldm train`
+    from ldm_cli import main as ldm
+    from safetensors.torch import load_file
+
+    text = tmp_path / "text"
+    status = ldm(["train-text", "--data", str(shapes[0]), "--heldout", str(shapes[1]),
+                  "--output", str(text), "--width", "32", "--layers", "2", "--heads", "2",
+                  "--resolution", "32", "--steps", "3", "--batch-size", "8"])  # fmt: skip
+    assert status == 0
+    scores = json.loads((text / "pretrain_eval.json").read_text())
+    assert set(scores) == {"shape", "colour", "flip"} and all(0 <= v <= 1 for v in scores.values())
+    model2 = tmp_path / "model2"
+    status = train_main(["--model", "preset:tiny", "--vae", str(vae), "--text-encoder", str(text),
+                         "--output", str(model2), "--max-steps", "2", *common])  # fmt: skip
+    assert status == 0
+    pretrained, saved_text = (load_file(text / "model.safetensors"),
+                              load_file(model2 / "text_encoder" / "model.safetensors"))  # fmt: skip
+    assert pretrained.keys() == saved_text.keys()
+    assert all(torch.equal(pretrained[k], saved_text[k]) for k in pretrained)  # frozen
+    wide = tmp_path / "wide"
+    status = ldm(["train-text", "--data", str(shapes[0]), "--output", str(wide), "--width", "48",
+                  "--layers", "1", "--heads", "2", "--resolution", "32", "--steps", "1",
+                  "--batch-size", "4"])  # fmt: skip
+    assert status == 0
+    capsys.readouterr()
+    assert train_main(["--model", "preset:tiny", "--vae", str(vae), "--text-encoder", str(wide),
+                       "--output", str(tmp_path / "m3"), "--max-steps", "1", *common]) != 0
+    assert "--text-encoder" in (err := capsys.readouterr().err) and "width 48" in err
+    assert "width 32" in err
+    assert train_main(["--model", str(model), "--text-encoder", str(text),
+                       "--output", str(tmp_path / "m4"), "--max-steps", "1", *common]) != 0
+    assert "--text-encoder: only for training from scratch" in capsys.readouterr().err
 
 
 def test_decoder_only_fine_tune_keeps_the_latents(shapes, tmp_path, capsys):

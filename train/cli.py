@@ -298,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         "replaces the pipeline's otherwise",
     )
     g.add_argument(
+        "--text-encoder",
+        default=None,
+        help="from scratch: a CLIP text_encoder folder (from `ldm train-text`) instead of a "
+        "fresh one; its width must be the preset's cross-attention width",
+    )
+    g.add_argument(
         "--prediction-type",
         choices=("epsilon", "v_prediction"),
         default=None,
@@ -429,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             data=data_config(args),
             run=run_config(args),
             vae=args.vae,
+            text_encoder=args.text_encoder,
             prediction_type=args.prediction_type,
             snr_gamma=args.snr_gamma,
             offset_noise=args.offset_noise,

@@ -72,6 +72,7 @@ class TrainConfig:
     data: DataConfig
     run: RunConfig
     vae: str | None = None  # an autoencoder folder (from `ldm train-vae`)
+    text_encoder: str | None = None  # from scratch: a text_encoder folder (`ldm train-text`)
     prediction_type: str | None = None  # None: the model's own (epsilon from scratch)
     snr_gamma: float | None = None
     offset_noise: float = 0.0

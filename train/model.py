@@ -100,7 +100,16 @@ def build_scratch(name: str, cfg: TrainConfig) -> Components:
         num_attention_heads=preset.text_heads,
         projection_dim=width,
     )
-    text_encoder = ClipTextEncoder(ClipTextModel(text_config))
+    if cfg.text_encoder is None:
+        text_encoder = ClipTextEncoder(ClipTextModel(text_config))
+    else:
+        text_encoder = ClipTextEncoder(ClipTextModel.from_pretrained(cfg.text_encoder).float())
+        got = text_encoder.model.config.hidden_size
+        if got != width:
+            raise ValueError(
+                f"--text-encoder {cfg.text_encoder}: width {got}, but preset {name!r} "
+                f"cross-attends to width {width}"
+            )
     schedule = ScheduleConfig(prediction_type=cfg.prediction_type or "epsilon")
     if cfg.zero_terminal_snr:
         schedule = _zero_terminal_snr(schedule)
@@ -129,6 +138,11 @@ def load_components(cfg: TrainConfig) -> Components:
     name = scratch_preset_name(cfg.model)
     if name is not None:
         return build_scratch(name, cfg)
+    if cfg.text_encoder is not None:
+        raise ValueError(
+            f"--text-encoder: only for training from scratch (--model preset:NAME); "
+            f"{cfg.model} has its own text encoder"
+        )
     from pipelines import TextToImagePipeline
 
     parts = TextToImagePipeline.from_pretrained(cfg.model).components()

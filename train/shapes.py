@@ -240,8 +240,8 @@ def _pick(rng: np.random.Generator, options) -> str:
 
 
 def _articles(text: str) -> str:
-    """Fix "a" before a vowel ("a orange" -> "an orange")."""
-    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
+    """The article each next word needs: "a orange" -> "an orange", "an green" -> "a green"."""
+    return re.sub(r"\b([Aa])n? (?=(\w))", lambda m: m[1] + ("n " if m[2] in "aeiou" else " "), text)
 
 
 def _phrase(obj: ObjectSpec, with_size: bool) -> tuple[str, ObjectSpec]:

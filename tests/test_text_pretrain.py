@@ -1,0 +1,67 @@
+"""Contrastive text-encoder pretraining (`ldm train-text`): the edits, the loss, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.text_pretrain import PretrainConfig, contrastive_loss, edits, hard_negatives
+
+
+def test_edits_change_one_attribute_and_keep_the_grammar():
+    rng = np.random.default_rng(0)
+    caption = "there is a red circle to the right of a small orange triangle"
+    got = dict(edits(caption, rng))
+    assert set(got) == {"shape", "colour", "flip"}
+    # one shape word replaced by another shape, the rest unchanged
+    before, after = caption.split(), got["shape"].split()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1
+    assert changed[0][0] in ("circle", "triangle") and changed[0][1] in (
+        "circle", "square", "triangle", "cross")  # fmt: skip
+    # the two colours swapped, with the articles they need
+    assert got["colour"] == "there is an orange circle to the right of a small red triangle"
+    assert got["flip"] == "there is a red circle to the left of a small orange triangle"
+    # plurals stay plural; one colour is changed when there is only one
+    for _ in range(20):
+        two = dict(edits("two green crosses", rng))
+        assert two["shape"].split()[-1] in ("circles", "squares", "triangles")
+        assert two["colour"].split()[1] != "green" and two["colour"].endswith(" crosses")
+    assert dict(edits("an image of an orange square", rng))["colour"].startswith("an image of a ")
+    assert hard_negatives("a picture of nothing", rng) == []
+
+
+def test_contrastive_loss_matches_its_definition():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(5, 8, generator=g), torch.randn(9, 8, generator=g)  # 4 negatives
+    scale = torch.tensor(7.0)
+    a, b = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = scale * a @ b.T
+    i2t = -torch.stack([logits[i, i] - torch.logsumexp(logits[i], 0) for i in range(5)]).mean()
+    sq = logits[:, :5]
+    t2i = -torch.stack([sq[i, i] - torch.logsumexp(sq[:, i], 0) for i in range(5)]).mean()
+    torch.testing.assert_close(contrastive_loss(img, txt, scale), (i2t + t2i) / 2)
+    # pairs far apart from everything else: ~0; identical embeddings everywhere: log of counts
+    eye = torch.eye(5, 8)
+    assert contrastive_loss(eye, eye, torch.tensor(100.0)) < 1e-6
+    same = torch.ones(5, 8)
+    expected = (math.log(9) + math.log(5)) / 2
+    assert abs(contrastive_loss(same, torch.ones(9, 8), scale).item() - expected) < 1e-5
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="width=60 must be a multiple of heads=8"):
+        PretrainConfig("d", "o", width=60, heads=8)
+    with pytest.raises(ValueError, match="steps=0 must be >= 1"):
+        PretrainConfig("d", "o", steps=0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        PretrainConfig("d", "o", learning_rate=0)
+
+
+def test_missing_metadata_names_the_folder(tmp_path):
+    from train.text_pretrain import load_captioned
+
+    with pytest.raises(FileNotFoundError, match="no metadata.jsonl"):
+        load_captioned(tmp_path, 32)
