@@ -227,7 +227,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         use_linear_projection=True,
         upcast_attention=True,
     ),
-    # the embedded default model (4.5M): SD 1.x's layout at 1/10 width, 3 levels, 128-d text
+    # 4.5M parameters: SD 1.x's layout at 1/10 width, 3 levels, 128-d text
     "small": UNetConfig(
         sample_size=16,
         block_out_channels=(32, 64, 128),
