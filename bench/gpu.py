@@ -422,12 +422,12 @@ def speed(run: Run, m: Models) -> None:
         return
     ours_compiled(run, ours)
     if with_cpp_wrapper(run):
-        cpp_wrapper(run, ours, None)
+        compile_each(run, ours, None, cpp_wrapper=True)
     if ref is not None:
         label = f"diffusers, compiled ({mode})"
         if run.stage("speed", label, "compile", lambda: compiled(run, ref, label, False)):
             if with_cpp_wrapper(run):
-                cpp_wrapper(run, None, ref)
+                compile_each(run, None, ref, cpp_wrapper=True)
             if device == "cuda" and mode != "reduce-overhead":
                 label = "diffusers, compiled (reduce-overhead)"
                 run.stage("speed", label, "compile", lambda: reduce_overhead(run, ref, label))
@@ -449,25 +449,23 @@ def with_cpp_wrapper(run: Run) -> bool:
         "default", "max-autotune-no-cudagraphs")  # fmt: skip
 
 
-def cpp_wrapper(run: Run, ours, ref) -> None:
-    """The U-Net compiled with inductor's C++ wrapper (~200 s to compile on an H100)."""
+def compile_each(run: Run, ours, ref, cpp_wrapper: bool = False) -> None:
+    """Each library's U-Net given (ours, ref; None skips one) compiled in the run's mode, with
+    inductor's C++ wrapper if asked (~200 s to compile on an H100, against ~50 s)."""
+    kind, suffix = ("cpp", ", C++ wrapper") if cpp_wrapper else ("compile", "")
     for pipe, name in ((ours, "ours"), (ref, "diffusers")):
         if pipe is not None:
-            label = f"{name}, compiled ({run.args.compile_mode}, C++ wrapper)"
-            run.stage("speed", label, "cpp",
-                      lambda: compiled(run, pipe, label, pipe is ours, True))  # fmt: skip
+            label = f"{name}, compiled ({run.args.compile_mode}{suffix})"
+            run.stage("speed", label, kind, lambda p=pipe, lab=label:
+                      compiled(run, p, lab, p is ours, cpp_wrapper))  # fmt: skip
 
 
 def speed_quick(run: Run, ours, ref) -> None:
     """--quick: ours compiled + CUDA graph against diffusers compiled with reduce-overhead;
     with --cpp-wrapper, both libraries compiled with and without the C++ wrapper instead."""
     if with_cpp_wrapper(run):
-        for pipe, name in ((ours, "ours"), (ref, "diffusers")):
-            if pipe is not None:
-                label = f"{name}, compiled ({run.args.compile_mode})"
-                run.stage("speed", label, "compile",
-                          lambda: compiled(run, pipe, label, pipe is ours))  # fmt: skip
-        return cpp_wrapper(run, ours, ref)
+        compile_each(run, ours, ref)
+        return compile_each(run, ours, ref, cpp_wrapper=True)
     ours_compiled(run, ours)
     if ref is not None:
         label = "diffusers, compiled (reduce-overhead)"

@@ -65,3 +65,14 @@ def test_missing_metadata_names_the_folder(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no metadata.jsonl"):
         load_captioned(tmp_path, 32)
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
+    from train.text_pretrain import main
+
+    assert main(["--data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert "ldm train-text: error: data:" in capsys.readouterr().err
+    argv = ["--data", str(tmp_path), "--output", str(tmp_path / "o"), "--width", "60"]
+    argv += ["--heads", "8"]
+    assert main(argv) == 2
+    assert "width=60 must be a multiple of heads=8" in capsys.readouterr().err

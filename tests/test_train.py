@@ -371,8 +371,9 @@ def test_train_vae_then_a_model_from_scratch(shapes, tmp_path, capsys):
     assert pipe.unet.config.sample_size == 4 and pipe.text_encoder.model.config.hidden_size == 32
 
     # a contrastively pretrained text encoder (`ldm train-text`), kept frozen by `ldm train`
-    from ldm_cli import main as ldm
     from safetensors.torch import load_file
+
+    from ldm_cli import main as ldm
 
     text = tmp_path / "text"
     status = ldm(["train-text", "--data", str(shapes[0]), "--heldout", str(shapes[1]),
@@ -395,12 +396,16 @@ def test_train_vae_then_a_model_from_scratch(shapes, tmp_path, capsys):
                   "--batch-size", "4"])  # fmt: skip
     assert status == 0
     capsys.readouterr()
-    assert train_main(["--model", "preset:tiny", "--vae", str(vae), "--text-encoder", str(wide),
-                       "--output", str(tmp_path / "m3"), "--max-steps", "1", *common]) != 0
+    status = train_main(["--model", "preset:tiny", "--vae", str(vae), "--text-encoder", str(wide),
+                         "--output", str(tmp_path / "m3"), "--max-steps", "1",
+                         *common])  # fmt: skip
+    assert status != 0
     assert "--text-encoder" in (err := capsys.readouterr().err) and "width 48" in err
     assert "width 32" in err
-    assert train_main(["--model", str(model), "--text-encoder", str(text),
-                       "--output", str(tmp_path / "m4"), "--max-steps", "1", *common]) != 0
+    status = train_main(["--model", str(model), "--text-encoder", str(text),
+                         "--output", str(tmp_path / "m4"), "--max-steps", "1",
+                         *common])  # fmt: skip
+    assert status != 0
     assert "--text-encoder: only for training from scratch" in capsys.readouterr().err
 
 

@@ -63,11 +63,21 @@ def scratch_preset_name(model: str) -> str | None:
     return name
 
 
+def scratch_text_config(width: int, layers: int, heads: int, mlp_ratio: int = 4):
+    """A small CLIP text transformer: OpenAI CLIP's vocabulary, 77 positions and quick_gelu
+    (ClipTextConfig's defaults) at `width`; it gets the offline CLIP BPE tokenizer."""
+    from text_encoder import ClipTextConfig
+
+    return ClipTextConfig(hidden_size=width, intermediate_size=width * mlp_ratio,
+                          num_hidden_layers=layers, num_attention_heads=heads,
+                          projection_dim=width)  # fmt: skip
+
+
 def build_scratch(name: str, cfg: TrainConfig) -> Components:
     """Fresh U-Net and text encoder (seeded) around a trained autoencoder."""
     from ldm.schedule import ScheduleConfig
     from ldm.unet import UNET_PRESETS, UNet
-    from text_encoder import ClipTextConfig, ClipTextEncoder, ClipTextModel
+    from text_encoder import ClipTextEncoder, ClipTextModel
 
     preset = SCRATCH_PRESETS[name]
     if preset.unet not in UNET_PRESETS:
@@ -91,17 +101,10 @@ def build_scratch(name: str, cfg: TrainConfig) -> Components:
     )
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
     unet = UNet(unet_config)
-    # OpenAI CLIP's vocabulary, 77 positions and quick_gelu (ClipTextConfig's defaults) at a
-    # small width; the encoder gets the offline CLIP BPE tokenizer
-    text_config = ClipTextConfig(
-        hidden_size=width,
-        intermediate_size=width * preset.text_mlp_ratio,
-        num_hidden_layers=preset.text_layers,
-        num_attention_heads=preset.text_heads,
-        projection_dim=width,
-    )
     if cfg.text_encoder is None:
-        text_encoder = ClipTextEncoder(ClipTextModel(text_config))
+        config = scratch_text_config(width, preset.text_layers, preset.text_heads,
+                                     preset.text_mlp_ratio)  # fmt: skip
+        text_encoder = ClipTextEncoder(ClipTextModel(config))
     else:
         text_encoder = ClipTextEncoder(ClipTextModel.from_pretrained(cfg.text_encoder).float())
         got = text_encoder.model.config.hidden_size

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.shapes import _articles  # an edit must not show itself by "a orange"
+
 logger = logging.getLogger(__name__)
 
 # word-level edits for the shapes dataset's captions (train/shapes.py's vocabulary)
@@ -63,7 +65,8 @@ def edits(caption: str, rng: np.random.Generator) -> list[tuple[str, str]]:
     shapes = list(_SHAPE_RE.finditer(caption))
     if shapes:
         m = shapes[rng.integers(len(shapes))]
-        other = str(rng.choice([s for s in SHAPE_WORDS if s != m.group(1)]))
+        others = [s for s in SHAPE_WORDS if s != m.group(1)]
+        other = others[rng.integers(len(others))]  # = rng.choice(others), without an array
         word = _plural(other) if m.group(2) else other
         out.append(("shape", caption[: m.start()] + word + caption[m.end() :]))
     colors = list(_COLOR_RE.finditer(caption))
@@ -74,12 +77,11 @@ def edits(caption: str, rng: np.random.Generator) -> list[tuple[str, str]]:
         out.append(("colour", swapped))
     elif colors:
         m = colors[rng.integers(len(colors))]
-        other = str(rng.choice([c for c in COLOR_WORDS if c != m.group(1)]))
+        others = [c for c in COLOR_WORDS if c != m.group(1)]
+        other = others[rng.integers(len(others))]
         out.append(("colour", caption[: m.start()] + other + caption[m.end() :]))
     if _FLIP_RE.search(caption):
         out.append(("flip", _FLIP_RE.sub(lambda m: FLIPS[m.group(1)], caption)))
-    from train.shapes import _articles  # "a orange" would give the edit away
-
     out = [(kind, _articles(text)) for kind, text in out]
     return [(kind, text) for kind, text in out if text != caption]
 
@@ -147,12 +149,11 @@ def load_captioned(folder: str | Path, resolution: int) -> tuple[torch.Tensor, l
 
 
 def build_text_encoder(cfg: PretrainConfig):
-    """A fresh CLIP-architecture text encoder (OpenAI vocabulary, 77 positions, quick_gelu)."""
-    from text_encoder import ClipTextConfig, ClipTextEncoder, ClipTextModel
+    """A fresh text encoder, as `ldm train --model preset:NAME` builds one."""
+    from text_encoder import ClipTextEncoder, ClipTextModel
+    from train.model import scratch_text_config
 
-    config = ClipTextConfig(hidden_size=cfg.width, intermediate_size=4 * cfg.width,
-                            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                            projection_dim=cfg.width)  # fmt: skip
+    config = scratch_text_config(cfg.width, cfg.layers, cfg.heads)
     return ClipTextEncoder(ClipTextModel(config))
 
 
@@ -262,17 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`ldm train-text`: parse the arguments and train; returns the exit status."""
+    from train.cli import run_cli, setup_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")  # fmt: skip
-    cfg = PretrainConfig(
-        data=args.data, output=args.output, width=args.width, layers=args.layers,
-        heads=args.heads, resolution=args.resolution, steps=args.steps,
-        batch_size=args.batch_size, learning_rate=args.learning_rate,
-        hard_negatives=not args.no_hard_negatives, seed=args.seed,
-    )  # fmt: skip
-    pretrain(cfg, args.heldout)
-    return 0
+    setup_logging()
+
+    def pretrain_from_args():
+        cfg = PretrainConfig(
+            data=args.data, output=args.output, width=args.width, layers=args.layers,
+            heads=args.heads, resolution=args.resolution, steps=args.steps,
+            batch_size=args.batch_size, learning_rate=args.learning_rate,
+            hard_negatives=not args.no_hard_negatives, seed=args.seed,
+        )  # fmt: skip
+        pretrain(cfg, args.heldout)
+
+    return run_cli("ldm train-text", pretrain_from_args)
 
 
 if __name__ == "__main__":
