@@ -37,14 +37,15 @@ def test_ldm_generate_works_offline_on_the_default_model(tmp_path):
 
 
 def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
-    """The whole recipe (data, two autoencoder passes, U-Net, eval, samples) at toy sizes."""
+    """The whole recipe (data, two autoencoder passes, text encoder, U-Net, eval, samples) at toy
+    sizes."""
     from safetensors.torch import load_file
 
     from train.default_model import DEFAULT_STEPS, main
 
     work = tmp_path / "work"
-    tiny = ["--images", "32", "--vae-steps", "2", "--decoder64-steps", "2", "--unet-steps", "2",
-            "--batch-size", "4", "--eval-prompts", "4"]  # fmt: skip
+    tiny = ["--images", "32", "--vae-steps", "2", "--decoder64-steps", "2", "--text-steps", "2",
+            "--unet-steps", "2", "--batch-size", "4", "--eval-prompts", "4"]  # fmt: skip
     assert main(["--work", str(work), *tiny]) == 0
     for folder in ("vae", "vae-ft64"):
         assert (work / folder / "config.json").is_file(), folder
@@ -73,6 +74,12 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
 
     assert next(ClipTextModel.from_pretrained(text).parameters()).dtype == torch.float32
     assert CLIPTextModel.from_pretrained(text).dtype == torch.float32
+    # ... and it is the contrastively pretrained one, frozen while the U-Net trained
+    pretrained = load_file(work / "text_encoder" / "model.safetensors")
+    stored = load_file(text / "model.safetensors")
+    assert pretrained.keys() == stored.keys()
+    assert all(torch.equal(stored[k], pretrained[k].half()) for k in pretrained)
+    assert json.loads((work / "text_encoder" / "pretrain_eval.json").read_text())
     # v-prediction on a zero-terminal-SNR schedule, sampled from t = T
     schedule = json.loads((work / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert schedule["prediction_type"] == "v_prediction"

@@ -76,3 +76,13 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
     argv += ["--heads", "8"]
     assert main(argv) == 2
     assert "width=60 must be a multiple of heads=8" in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_the_data_is_refused(tmp_path):
+    from train.shapes import make_dataset
+    from train.text_pretrain import pretrain
+
+    make_dataset(tmp_path / "d", 8, seed=0, size=32)
+    cfg = PretrainConfig(str(tmp_path / "d"), str(tmp_path / "o"), resolution=32, batch_size=16)
+    with pytest.raises(ValueError, match="batch_size=16 must be <= the 8 images in"):
+        pretrain(cfg)

@@ -6,12 +6,16 @@ its newest checkpoint):
   2. vae      `ldm train-vae` on 32x32 crops (preset "shapes": f=4, 4 latent channels), then a
               decoder-only L2 fine-tune on whole 64x64 images (same latents, sharper decodes:
               higher PSNR), optionally after one on crops (--decoder-steps)
-  3. unet     `ldm train --model preset:shapes` (U-Net + a small CLIP text encoder from scratch),
-              v-prediction on a zero-terminal-SNR schedule, cached latents; the text encoder
-              is stored in float16 (loaded back in float32) to fit the 25 MB budget
-  4. eval     GenEval-style accuracy on held-out prompts and autoencoder PSNR on held-out images
-  5. samples  a captioned grid of sample images (samples.png) and the model card
-  6. install  the pipeline folder copied to pipelines/default_model (with --install)
+  3. text     `ldm train-text`: a small CLIP-architecture text encoder pretrained contrastively
+              with hard negatives (another shape, colours swapped, left/right flipped), so that
+              every word that tells two captions apart is encoded, not only the ones that move
+              many pixels
+  4. unet     `ldm train --model preset:shapes2` from scratch on that text encoder, frozen:
+              v-prediction on a zero-terminal-SNR schedule, cached latents and text contexts;
+              the text encoder is stored in float16 (loaded back in float32) to fit 25 MB
+  5. eval     GenEval-style accuracy on held-out prompts and autoencoder PSNR on held-out images
+  6. samples  a captioned grid of sample images (samples.png) and the model card
+  7. install  the pipeline folder copied to pipelines/default_model (with --install)
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import textwrap
 from pathlib import Path
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SAMPLER = 10, 3.0, "dpmpp_2m"
-STAGES = ("data", "vae", "unet", "eval", "samples")
+STAGES = ("data", "vae", "text", "unet", "eval", "samples")
 SAMPLE_PROMPTS = (
     "a red circle on the left",
     "a large blue square",
@@ -53,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1500,
         help="decoder fine-tune on whole 64px images, the size made (default 1500)",
     )
-    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--text-steps", type=int, default=3000, help="ldm train-text steps")
+    p.add_argument("--unet-steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -116,6 +121,23 @@ def stage_vae(work: Path, args) -> None:
         [*decoder, "--checkpoint-every", "500", "--seed", str(seed + 2)])  # fmt: skip
 
 
+def stage_text(work: Path, args) -> None:
+    """The text encoder, pretrained contrastively and then frozen for the U-Net. Trained only
+    through the diffusion loss, a from-scratch text encoder kept "circle" and "square" close
+    (a colour repaints a whole object, a shape changes a few edge pixels) and the U-Net swapped
+    them; this one separates shape words as far as colour words (train/text_pretrain.py)."""
+    from train.text_pretrain import main as train_text
+
+    out = work / "text_encoder"
+    if (out / "config.json").is_file():
+        return
+    argv = ["--data", str(work / "shapes-train"), "--heldout", str(work / "shapes-heldout"),
+            "--output", str(out), "--steps", str(args.text_steps), "--seed", str(args.seed),
+            "--batch-size", str(min(128, args.images))]  # fmt: skip
+    if train_text(argv):
+        raise SystemExit("ldm train-default: the text encoder stage failed")
+
+
 def stage_unet(work: Path, args) -> None:
     from train.cli import main as train
 
@@ -124,16 +146,17 @@ def stage_unet(work: Path, args) -> None:
         return
     argv = [
         "--model",
-        "preset:shapes",
+        "preset:shapes2",
         "--vae",
         str(work / "vae"),
+        "--text-encoder",  # frozen: the diffusion loss would pull shape words together again
+        str(work / "text_encoder"),
         "--data",
         str(work / "shapes-train"),
         "--output",
         str(out),
         "--resolution",
         "64",
-        "--train-text-encoder",
         # v-prediction on a zero-terminal-SNR schedule: with SD's schedule (SNR(T) = 0.005) a
         # 16x16 latent of flat shapes keeps a trace of its layout and colours at t = T, so an
         # epsilon model learnt to take them from the starting noise instead of the prompt
@@ -141,6 +164,7 @@ def stage_unet(work: Path, args) -> None:
         "v_prediction",
         "--zero-terminal-snr",
         "--cache-latents",  # one encoder pass per image, not per step (~25% of a step)
+        "--cache-text",  # the frozen text encoder's contexts, once per caption
         "--caption-dropout",
         "0.1",
         "--ema-decay",
@@ -279,6 +303,7 @@ def stage_samples(work: Path, args) -> Path:
         training={
             "unet_steps": args.unet_steps,
             "vae_steps": args.vae_steps,
+            "text_encoder_steps": args.text_steps,
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
             "recipe": "ldm train-default",
@@ -319,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in (
         ("data", stage_data),
         ("vae", stage_vae),
+        ("text", stage_text),
         ("unet", stage_unet),
         ("eval", stage_eval),
         ("samples", stage_samples),

@@ -206,6 +206,10 @@ def pretrain(cfg: PretrainConfig, heldout: str | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     images, captions = load_captioned(cfg.data, cfg.resolution)
+    if cfg.batch_size > len(captions):  # a batch holds distinct images: each other's negatives
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be <= the {len(captions)} images in {cfg.data}"
+        )
     encoder = build_text_encoder(cfg)
     tower = ImageTower(cfg.width, cfg.resolution)
     log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
