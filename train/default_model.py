@@ -26,7 +26,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
-DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SAMPLER = 10, 3.0, "dpmpp_2m"
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SAMPLER = 10, 4.0, "dpmpp_2m"
 STAGES = ("data", "vae", "text", "unet", "eval", "samples")
 SAMPLE_PROMPTS = (
     "a red circle on the left",
