@@ -86,3 +86,56 @@ def test_a_batch_larger_than_the_data_is_refused(tmp_path):
     cfg = PretrainConfig(str(tmp_path / "d"), str(tmp_path / "o"), resolution=32, batch_size=16)
     with pytest.raises(ValueError, match="batch_size=16 must be <= the 8 images in"):
         pretrain(cfg)
+
+
+def test_pad_loss_is_the_distance_to_the_empty_captions_padding():
+    from text_encoder.clip_model import eos_positions
+    from train.text_pretrain import PretrainConfig as Cfg
+    from train.text_pretrain import build_text_encoder, pad_loss
+
+    torch.manual_seed(0)
+    encoder = build_text_encoder(Cfg("d", "o", width=16, layers=2, heads=2))
+    captions = ["a red circle", "there is a small blue square left of a green cross"]
+    ids = encoder.tokenize([*captions, ""]).ids
+    with torch.no_grad():
+        hidden = encoder.model(ids).last_hidden_state
+        got = pad_loss(encoder, captions)
+    eos = eos_positions(ids, encoder.model.config.eos_token_id).tolist()
+    rows = [(hidden[b, p] - hidden[2, p]).pow(2).mean() for b in range(2)
+            for p in range(eos[b] + 1, ids.shape[1])]  # fmt: skip
+    torch.testing.assert_close(got, torch.stack(rows).mean())
+    assert got > 0  # a causal encoder's padding sees the caption
+    assert pad_loss(encoder, ["", ""]) == 0  # the empty caption is its own target
+    # only the padding is pulled: the words and the EOS get no gradient from it
+    seen = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        seen["out"] = out
+
+    encoder.model.final_layer_norm.register_forward_hook(keep)
+    pad_loss(encoder, captions).backward()
+    g = seen["out"].grad
+    for b in range(2):
+        assert g[b, : eos[b] + 1].abs().max() == 0 and g[b, eos[b] + 1 :].abs().max() > 0
+
+
+def test_pad_loss_training_makes_the_padding_caption_free(tmp_path):
+    from text_encoder import ClipTextEncoder, ClipTextModel
+    from train.shapes import make_dataset
+    from train.text_pretrain import load_captioned, pad_loss, pretrain
+
+    make_dataset(tmp_path / "d", 32, seed=0, size=32)
+    captions = load_captioned(tmp_path / "d", 32)[1]
+    after = {}
+    for weight in (0.0, 1.0):
+        cfg = PretrainConfig(str(tmp_path / "d"), str(tmp_path / f"o{weight}"), width=16,
+                             layers=2, heads=2, resolution=32, steps=30, batch_size=16,
+                             pad_loss=weight)  # fmt: skip
+        pretrain(cfg)
+        encoder = ClipTextEncoder(ClipTextModel.from_pretrained(cfg.output))
+        with torch.no_grad():
+            after[weight] = pad_loss(encoder, captions).item()
+    assert after[1.0] < after[0.0] / 3, after  # measured: 0.066 against 0.388
+    with pytest.raises(ValueError, match="pad_loss=-1"):
+        PretrainConfig("d", "o", pad_loss=-1)

@@ -118,6 +118,8 @@ class PretrainConfig:
     batch_size: int = 128
     learning_rate: float = 1e-3
     hard_negatives: bool = True
+    pad_loss: float = 0.0  # weight of pad_loss (0 turns it off)
+    pad_loss_batch: int = 32  # captions per step it is computed on
     seed: int = 0
     log_every: int = 100
 
@@ -129,6 +131,10 @@ class PretrainConfig:
             raise ValueError(f"width={self.width} must be a multiple of heads={self.heads}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if self.pad_loss < 0:
+            raise ValueError(f"pad_loss={self.pad_loss} must be >= 0")
+        if self.pad_loss_batch < 1:
+            raise ValueError(f"pad_loss_batch={self.pad_loss_batch} must be >= 1")
 
 
 def load_captioned(folder: str | Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
@@ -166,6 +172,27 @@ def _embed_text(encoder, captions: list[str]) -> torch.Tensor:
     ids = encoder.tokenize(captions).ids
     ids = ids[:, : int(eos_positions(ids, model.config.eos_token_id).max()) + 1]
     return model(ids).pooler_output
+
+
+def pad_loss(encoder, captions: list[str]) -> torch.Tensor:
+    """Mean squared distance between the outputs at the padding positions (after the EOS) of
+    each caption and those of the empty caption at the same positions.
+
+    A U-Net cross-attends to all max_length outputs, and a causal encoder lets every padding
+    position see the whole caption: left alone, the ~60 padding outputs become copies of a
+    summary of the caption (the U-Net of the default model puts ~65% of its cross-attention
+    there), a bag of attributes from which the U-Net cannot tell which colour belongs to which
+    shape. Driving them to the empty caption's leaves the words themselves to carry the caption.
+    """
+    from text_encoder.clip_model import eos_positions
+
+    model = encoder.model
+    ids = encoder.tokenize([*captions, ""]).ids
+    hidden = model(ids).last_hidden_state  # (N + 1, L, D)
+    eos = eos_positions(ids[:-1], model.config.eos_token_id)
+    after = torch.arange(ids.shape[1])[None, :] > eos[:, None]  # (N, L)
+    diff = (hidden[:-1] - hidden[-1:]).pow(2).mean(-1)
+    return (diff * after).sum() / after.sum().clamp(min=1)
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -233,14 +260,18 @@ def pretrain(cfg: PretrainConfig, heldout: str | None = None) -> dict:
         txt = _embed_text(encoder, caps + negs)
         scale = log_scale.exp().clamp(max=100.0)
         loss = contrastive_loss(tower(x), txt, scale)
+        pad = torch.zeros(())
+        if cfg.pad_loss > 0:
+            pad = pad_loss(encoder, caps[: cfg.pad_loss_batch])
+            loss = loss + cfg.pad_loss * pad
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             rate = (step + 1) / (time.perf_counter() - start)
-            logger.info("step %d loss %.4f scale %.1f (%.2f steps/s)", step + 1, loss.item(),
-                        scale.item(), rate)  # fmt: skip
+            logger.info("step %d loss %.4f pad %.4f scale %.1f (%.2f steps/s)", step + 1,
+                        loss.item(), pad.item(), scale.item(), rate)  # fmt: skip
     encoder.model.eval()
     out = Path(cfg.output)
     encoder.model.save_pretrained(out)
@@ -263,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--no-hard-negatives", action="store_true")
+    p.add_argument(
+        "--pad-loss",
+        type=float,
+        default=0.0,
+        help="weight of the loss that makes the outputs after the EOS caption-free",
+    )
     return p
 
 
@@ -278,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             data=args.data, output=args.output, width=args.width, layers=args.layers,
             heads=args.heads, resolution=args.resolution, steps=args.steps,
             batch_size=args.batch_size, learning_rate=args.learning_rate,
-            hard_negatives=not args.no_hard_negatives, seed=args.seed,
+            hard_negatives=not args.no_hard_negatives, pad_loss=args.pad_loss, seed=args.seed,
         )  # fmt: skip
         pretrain(cfg, args.heldout)
 
