@@ -45,7 +45,8 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
 
     work = tmp_path / "work"
     tiny = ["--images", "32", "--vae-steps", "2", "--decoder64-steps", "2", "--text-steps", "2",
-            "--unet-steps", "2", "--batch-size", "4", "--eval-prompts", "4"]  # fmt: skip
+            "--unet-steps", "2", "--batch-size", "4", "--eval-prompts", "4",
+            "--text-pad-loss", "0.5"]  # fmt: skip
     assert main(["--work", str(work), *tiny]) == 0
     for folder in ("vae", "vae-ft64"):
         assert (work / folder / "config.json").is_file(), folder
@@ -80,6 +81,7 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     assert pretrained.keys() == stored.keys()
     assert all(torch.equal(stored[k], pretrained[k].half()) for k in pretrained)
     assert json.loads((work / "text_encoder" / "pretrain_eval.json").read_text())
+    assert "text_encoder_pad_loss" in (work / "pipeline" / "README.md").read_text()
     # v-prediction on a zero-terminal-SNR schedule, sampled from t = T
     schedule = json.loads((work / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert schedule["prediction_type"] == "v_prediction"

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoder fine-tune on whole 64px images, the size made (default 1500)",
     )
     p.add_argument("--text-steps", type=int, default=3000, help="ldm train-text steps")
+    p.add_argument(
+        "--text-pad-loss",
+        type=float,
+        default=0.0,
+        help="ldm train-text --pad-loss: caption-free outputs after the EOS (default 0: off)",
+    )
     p.add_argument("--unet-steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=5e-4)
@@ -133,7 +139,8 @@ def stage_text(work: Path, args) -> None:
         return
     argv = ["--data", str(work / "shapes-train"), "--heldout", str(work / "shapes-heldout"),
             "--output", str(out), "--steps", str(args.text_steps), "--seed", str(args.seed),
-            "--batch-size", str(min(128, args.images))]  # fmt: skip
+            "--batch-size", str(min(128, args.images)),
+            "--pad-loss", str(args.text_pad_loss)]  # fmt: skip
     if train_text(argv):
         raise SystemExit("ldm train-default: the text encoder stage failed")
 
@@ -304,6 +311,7 @@ def stage_samples(work: Path, args) -> Path:
             "unet_steps": args.unet_steps,
             "vae_steps": args.vae_steps,
             "text_encoder_steps": args.text_steps,
+            "text_encoder_pad_loss": args.text_pad_loss,
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
             "recipe": "ldm train-default",
