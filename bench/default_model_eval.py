@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipelines import TextToImagePipeline
+from text_encoder.clip_model import eos_positions
 from train.evaluate import evaluate
 from train.shapes import describe, heldout_prompts, sample_scene
 
@@ -45,11 +46,9 @@ def empty_padding(pipe: TextToImagePipeline) -> None:
         cond, uncond = encode(prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip)
         prompts = [prompt] if isinstance(prompt, str) else prompt
         ids = pipe.text_encoder.tokenize(prompts, long_prompt="truncate", weighting=False).ids
-        cond = cond.clone()
-        for row, tokens in enumerate(ids):
-            eos = int((tokens == eos_id).nonzero()[0])
-            cond[row, eos + 1 :] = uncond[row, eos + 1 :]  # uncond is "": caption-free
-        return cond, uncond
+        after = torch.arange(ids.shape[1])[None, :] > eos_positions(ids, eos_id)[:, None]
+        after = after[:, :, None].to(cond.device)  # uncond is "": its padding is caption-free
+        return torch.where(after, uncond, cond), uncond
 
     pipe.encode_prompt = encode_prompt
 

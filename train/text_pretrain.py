@@ -180,9 +180,9 @@ def pad_loss(encoder, captions: list[str]) -> torch.Tensor:
 
     A U-Net cross-attends to all max_length outputs, and a causal encoder lets every padding
     position see the whole caption: left alone, the ~60 padding outputs become copies of a
-    summary of the caption (the U-Net of the default model puts ~65% of its cross-attention
-    there), a bag of attributes from which the U-Net cannot tell which colour belongs to which
-    shape. Driving them to the empty caption's leaves the words themselves to carry the caption.
+    summary of the caption (the default model's U-Net puts 51-74% of its cross-attention
+    there). Driving them to the empty caption's leaves the words to carry the caption. The hope
+    was better colour-shape binding; on the shapes data it did not come (BENCHMARKS.md).
     """
     from text_encoder.clip_model import eos_positions
 
