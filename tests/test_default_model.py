@@ -46,7 +46,8 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     work = tmp_path / "work"
     tiny = ["--images", "32", "--vae-steps", "2", "--decoder64-steps", "2", "--text-steps", "2",
             "--unet-steps", "2", "--batch-size", "4", "--eval-prompts", "4",
-            "--text-pad-loss", "0.5"]  # fmt: skip
+            "--text-pad-loss", "0.5", "--text-max-length", "24",
+            "--unet-preset", "shapes3"]  # fmt: skip
     assert main(["--work", str(work), *tiny]) == 0
     for folder in ("vae", "vae-ft64"):
         assert (work / folder / "config.json").is_file(), folder
@@ -82,6 +83,12 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     assert all(torch.equal(stored[k], pretrained[k].half()) for k in pretrained)
     assert json.loads((work / "text_encoder" / "pretrain_eval.json").read_text())
     assert "text_encoder_pad_loss" in (work / "pipeline" / "README.md").read_text()
+    # --text-max-length: the prompt is padded to 24 positions, in our loader and in diffusers'
+    tokenizer = json.loads((work / "pipeline" / "tokenizer" / "tokenizer_config.json").read_text())
+    assert tokenizer["model_max_length"] == 24
+    assert json.loads((text / "config.json").read_text())["max_position_embeddings"] == 24
+    unet = json.loads((work / "pipeline" / "unet" / "config.json").read_text())
+    assert unet["only_cross_attention"] == [True, False, False]  # --unet-preset shapes3
     # v-prediction on a zero-terminal-SNR schedule, sampled from t = T
     schedule = json.loads((work / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert schedule["prediction_type"] == "v_prediction"

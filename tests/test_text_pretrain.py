@@ -58,6 +58,25 @@ def test_bad_config_is_refused():
         PretrainConfig("d", "o", steps=0)
     with pytest.raises(ValueError, match="learning_rate"):
         PretrainConfig("d", "o", learning_rate=0)
+    with pytest.raises(ValueError, match="max_length=2 must be >= 3"):
+        PretrainConfig("d", "o", max_length=2)
+
+
+def test_max_length_sets_the_positions_and_the_padded_length(tmp_path):
+    from text_encoder import ClipTextEncoder, ClipTextModel
+    from train.shapes import make_dataset
+    from train.text_pretrain import main
+
+    make_dataset(tmp_path / "d", 16, seed=0, size=32)
+    argv = ["--data", str(tmp_path / "d"), "--output", str(tmp_path / "o"), "--width", "16",
+            "--layers", "1", "--heads", "2", "--resolution", "32", "--steps", "2",
+            "--batch-size", "8", "--max-length", "24"]  # fmt: skip
+    assert main(argv) == 0
+    model = ClipTextModel.from_pretrained(tmp_path / "o")
+    assert model.config.max_position_embeddings == 24
+    encoder = ClipTextEncoder(model)  # the offline tokenizer pads to the model's positions
+    with torch.no_grad():
+        assert encoder.encode(["a red circle", ""]).context.shape == (2, 24, 16)
 
 
 def test_missing_metadata_names_the_folder(tmp_path):

