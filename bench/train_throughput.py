@@ -4,8 +4,10 @@
     python bench/train_throughput.py --write   # also replace their sections of BENCHMARKS.md
 
 Table 1, the U-Net step, on the same weights, inputs and noise:
-    ours:      train.loop.diffusion_loss (q_sample, U-Net, target, MSE) -> backward -> AdamW
-    diffusers: DDPMScheduler.add_noise -> UNet2DConditionModel -> MSE -> backward -> AdamW
+    ours:      train.loop.diffusion_loss (q_sample, U-Net, target, MSE) -> backward -> AdamW,
+               the U-Net in channels_last and AdamW fused, as `ldm train` runs them
+    diffusers: DDPMScheduler.add_noise -> UNet2DConditionModel -> MSE -> backward -> AdamW,
+               as diffusers' train_text_to_image.py runs them (NCHW, torch's default AdamW)
 Latents and text contexts are random tensors (the frozen autoencoder and text encoder are the
 same work on both sides and are left out). Steps alternate between the two loops, so load from
 other processes hits both alike; the first step's losses are compared as a parity check.
@@ -45,6 +47,9 @@ sys.path.insert(0, str(ROOT))
 from ldm.schedule import ScheduleConfig, alphas_cumprod  # noqa: E402
 from ldm.unet import UNET_PRESETS, UNet, UNetConfig  # noqa: E402
 from train.loop import diffusion_loss  # noqa: E402
+from train.run import RunConfig, make_optimizer, training_layout  # noqa: E402
+
+RUN = RunConfig(output="unused", learning_rate=1e-4)  # ldm train's AdamW settings
 
 SECTION_START = "<!-- bench/train_throughput.py: start -->"
 SECTION_END = "<!-- bench/train_throughput.py: end -->"
@@ -55,6 +60,7 @@ LORA_RANK = 4
 # name -> (U-Net config, latent side, batch)
 CASES = {
     "tiny": (UNET_PRESETS["tiny"], 16, 8),
+    "shapes2": (UNET_PRESETS["shapes2"], 16, 32),  # the default model's U-Net and batch
     "sd15 at 1/5 width": (
         dataclasses.replace(UNET_PRESETS["sd15"], block_out_channels=(64, 128, 256, 256)),
         32,
@@ -93,7 +99,9 @@ def bench_case(name: str, args) -> dict:
     schedule = ScheduleConfig()
     scheduler = DDPMScheduler.from_config(schedule.to_diffusers("DDPMScheduler"))
     alpha_bar = alphas_cumprod(schedule).to(args.device)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (ours, ref)]
+    ours = training_layout(ours, args.device)  # ours as `ldm train` runs: NHWC, fused AdamW
+    opts = [make_optimizer(list(ours.parameters()), RUN)[0],
+            torch.optim.AdamW(ref.parameters(), lr=1e-4)]  # fmt: skip
     g = torch.Generator().manual_seed(1)
     shape = (batch, config.in_channels, size, size)
     autocast = (torch.autocast(args.device, dtype=getattr(torch, args.autocast))
@@ -155,7 +163,9 @@ def markdown(rows: list[dict], args) -> str:
         f"{args.device}, {precision}, {torch.get_num_threads()} threads, median of {args.steps} "
         f"steps after {args.warmup} warm-up; torch {torch.__version__}, diffusers "
         f"{_diffusers_version()}, {platform.processor() or platform.machine()}. One step: noise, "
-        "U-Net forward, MSE, backward, AdamW. Ratio: diffusers step time / ours, median over "
+        "U-Net forward, MSE, backward, AdamW (ours: channels_last U-Net and fused AdamW, as `ldm "
+        "train` runs; diffusers: as its train_text_to_image.py). Ratio: diffusers step time / "
+        "ours, median over "
         "back-to-back pairs; > 1: ours is faster. Loss diff: first step's |ours - diffusers| / "
         "diffusers on the same weights and inputs.\n\n"
         "| case | params | input | ours (samples/s) | diffusers (samples/s) | ratio | loss diff |\n"
@@ -174,6 +184,7 @@ def markdown(rows: list[dict], args) -> str:
 # name -> (autoencoder preset and widths, CLIP text preset) beside CASES' U-Net
 ENCODERS = {
     "tiny": ("tiny", None, "tiny"),
+    "shapes2": (UNET_PRESETS["shapes2"], 16, 32),  # the default model's U-Net and batch
     "sd15 at 1/5 width": ("sd", (32, 64, 128, 128), "sd15"),
 }
 CAPTIONS = ["a red circle above a blue square", "a small green triangle", "two yellow stars",
@@ -243,8 +254,14 @@ def bench_step_case(name: str, args, cache_dir: Path) -> list[dict]:
         ref, ours = _models(config, dev)
         unet = ref if variant.startswith("diffusers") else ours
         unets[variant] = _lora_unet(unet, ours=unet is ours) if "LoRA" in variant else unet
-    opts = {v: torch.optim.AdamW([p for p in u.parameters() if p.requires_grad], lr=1e-4)
-            for v, u in unets.items()}  # fmt: skip
+    opts = {}
+    for v, u in unets.items():
+        params = [p for p in u.parameters() if p.requires_grad]
+        if v.startswith("ours"):
+            training_layout(u, dev)
+            opts[v] = make_optimizer(params, RUN)[0]
+        else:
+            opts[v] = torch.optim.AdamW(params, lr=1e-4)
     schedule = ScheduleConfig()
     scheduler = DDPMScheduler.from_config(schedule.to_diffusers("DDPMScheduler"))
     alpha_bar = alphas_cumprod(schedule).to(dev)
@@ -326,7 +343,8 @@ def markdown_step(rows: list[dict], args) -> str:
         f"{args.device}, {precision}, {torch.get_num_threads()} threads, median of {args.steps} "
         f"steps after {args.warmup} warm-up; LoRA rank {LORA_RANK} on to_q/to_k/to_v/to_out.0. "
         "One step from pixels and captions: autoencoder posterior sample, text encoder, noise, "
-        "U-Net forward, MSE, backward, AdamW; cached: posteriors and contexts read from the disk "
+        "U-Net forward, MSE, backward, AdamW (ours: channels_last U-Net, fused AdamW); cached: "
+        "posteriors and contexts read from the disk "
         "cache instead (every epoch after the first). Speed-up: median per-step time ratio; "
         "> 1: faster. Loss diff: first step's |loss - diffusers full's| / diffusers full's.\n\n"
         "| case | loop | samples/s | × ours full uncached | × diffusers full | loss diff |\n"

@@ -56,6 +56,7 @@ from train.run import (
     progress_bar,
     save_grid,
     training_generator,
+    training_layout,
 )
 
 logger = logging.getLogger(__name__)
@@ -297,9 +298,7 @@ def train(cfg: TrainConfig) -> Path:
     parts.vae.to(device).eval().requires_grad_(False)
     parts.text_encoder.model.to(device).requires_grad_(cfg.train_text_encoder)
     parts.text_encoder.model.train(cfg.train_text_encoder)
-    # NHWC convolutions: the layout tensor cores use, and faster with oneDNN on CPU too
-    # (a shapes2 training step ~15% quicker); state dicts are saved contiguous all the same.
-    parts.unet.to(device, memory_format=torch.channels_last).train().requires_grad_(True)
+    training_layout(parts.unet, device).train().requires_grad_(True)
     text_cache = _caches(cfg, parts, dataset)
     if cfg.lora:
         from train.lora import add_lora, load_lora_state, lora_state, save_lora

@@ -165,10 +165,17 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return factor
 
 
+def training_layout(unet: torch.nn.Module, device) -> torch.nn.Module:
+    """The U-Net on `device` in channels_last (NHWC) memory, as `ldm train` trains it: the layout
+    tensor-core convolutions use, and quicker with oneDNN on CPU too (a shapes2 step ~5%, and
+    more with fewer attention FLOPs); state dicts are saved contiguous all the same."""
+    return unet.to(device, memory_format=torch.channels_last)
+
+
 def make_optimizer(params: list, run: RunConfig):
     """AdamW and its LR schedule (a LambdaLR stepped once per optimizer step)."""
-    # The fused kernel updates every tensor in one pass (one thread pool dispatch on CPU, one
-    # launch on CUDA): the same AdamW, ~8% of a small U-Net's CPU training step saved.
+    # The fused kernel updates every tensor in one pass (one thread-pool dispatch on CPU, one
+    # launch on CUDA): the same AdamW, ~5-9% of a small U-Net's CPU training step saved.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     optimizer = torch.optim.AdamW(
         params,
