@@ -181,10 +181,11 @@ def markdown(rows: list[dict], args) -> str:
 
 # ---- table 2: the whole step, cached and LoRA ----
 
-# name -> (autoencoder preset and widths, CLIP text preset) beside CASES' U-Net
+# name -> (autoencoder preset and widths, CLIP text preset or (width, layers, heads) of a
+# from-scratch one) beside CASES' U-Net
 ENCODERS = {
     "tiny": ("tiny", None, "tiny"),
-    "shapes2": (UNET_PRESETS["shapes2"], 16, 32),  # the default model's U-Net and batch
+    "shapes2": ("shapes", None, (64, 4, 4)),  # the default model's autoencoder and text encoder
     "sd15 at 1/5 width": ("sd", (32, 64, 128, 128), "sd15"),
 }
 CAPTIONS = ["a red circle above a blue square", "a small green triangle", "two yellow stars",
@@ -209,7 +210,12 @@ def _encoders(name: str, device: str):
     vae = AutoencoderKL(vae_config)
     ref_vae = DiffusersAutoencoderKL.from_config(vae_config.to_diffusers())
     ref_vae.load_state_dict(vae.state_dict())
-    text_config = CLIP_TEXT_PRESETS[text_preset]
+    if isinstance(text_preset, tuple):
+        from train.model import scratch_text_config
+
+        text_config = scratch_text_config(*text_preset)
+    else:
+        text_config = CLIP_TEXT_PRESETS[text_preset]
     text = ClipTextModel(text_config)
     ref_text = CLIPTextModel(CLIPTextConfig(**text_config.to_dict()))
     state = text.state_dict()
