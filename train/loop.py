@@ -146,9 +146,11 @@ def posterior_latents(vae, posterior, generator: torch.Generator | None) -> torc
     """x0 = scaling_factor * (z - shift) of a posterior sample (the mode if generator is None)."""
     z = posterior.mode() if generator is None else posterior.sample(generator)
     shift = vae.config.shift_factor or 0.0
-    # The encoder may hand back channels-last memory, a cached posterior is contiguous: the
-    # U-Net's convolutions round differently on the two layouts, so give it one layout always.
-    return ((z.float() - shift) * vae.config.scaling_factor).contiguous()
+    # The encoder may hand back either layout, a cached posterior is contiguous: the U-Net's
+    # convolutions round differently on the two, so give it one always, the channels_last it
+    # trains in (train.run.training_layout).
+    x0 = (z.float() - shift) * vae.config.scaling_factor
+    return x0.contiguous(memory_format=torch.channels_last)
 
 
 def diffusion_loss(
@@ -378,7 +380,6 @@ def train(cfg: TrainConfig) -> Path:
             batch = next(loader)
             posterior = batch_posterior(parts.vae, batch, dataset.latent_cache, device)
             x0 = posterior_latents(parts.vae, posterior, generator)
-            x0 = x0.contiguous(memory_format=torch.channels_last)
             B = x0.shape[0]
             from_cache += sum(batch["cached"])
             items, logged_items = items + B, logged_items + B
