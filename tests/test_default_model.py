@@ -37,15 +37,15 @@ def test_ldm_generate_works_offline_on_the_default_model(tmp_path):
 
 
 def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
-    """The whole recipe (data, two autoencoder passes, text encoder, U-Net, eval, samples) at toy
-    sizes."""
+    """The whole recipe (data, two autoencoder passes, text encoder, U-Net frozen then joint,
+    eval, samples) at toy sizes."""
     from safetensors.torch import load_file
 
     from train.default_model import DEFAULT_STEPS, main
 
     work = tmp_path / "work"
     tiny = ["--images", "32", "--vae-steps", "2", "--decoder64-steps", "2", "--text-steps", "2",
-            "--unet-steps", "2", "--batch-size", "4", "--eval-prompts", "4",
+            "--unet-steps", "2", "--joint-steps", "2", "--batch-size", "4", "--eval-prompts", "4",
             "--text-pad-loss", "0.5", "--text-max-length", "24",
             "--unet-preset", "shapes3"]  # fmt: skip
     assert main(["--work", str(work), *tiny]) == 0
@@ -76,11 +76,20 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
 
     assert next(ClipTextModel.from_pretrained(text).parameters()).dtype == torch.float32
     assert CLIPTextModel.from_pretrained(text).dtype == torch.float32
-    # ... and it is the contrastively pretrained one, frozen while the U-Net trained
+    # ... the contrastively pretrained one, frozen in the first U-Net stage, then trained on
+    # together with the U-Net from that stage's weights
     pretrained = load_file(work / "text_encoder" / "model.safetensors")
+    frozen = load_file(work / "pipeline-frozen" / "text_encoder" / "model.safetensors")
     stored = load_file(text / "model.safetensors")
-    assert pretrained.keys() == stored.keys()
-    assert all(torch.equal(stored[k], pretrained[k].half()) for k in pretrained)
+    assert pretrained.keys() == frozen.keys() == stored.keys()
+    assert all(torch.equal(frozen[k], pretrained[k]) for k in pretrained)
+    assert not all(torch.equal(stored[k], pretrained[k].half()) for k in pretrained)
+    unet_name = "unet/diffusion_pytorch_model.safetensors"
+    first = load_file(work / "pipeline-frozen" / unet_name)
+    last = load_file(work / "pipeline" / unet_name)
+    assert not all(torch.equal(first[k], last[k]) for k in first)
+    card = (work / "pipeline" / "README.md").read_text()
+    assert "joint_steps" in card
     assert json.loads((work / "text_encoder" / "pretrain_eval.json").read_text())
     assert "text_encoder_pad_loss" in (work / "pipeline" / "README.md").read_text()
     # --text-max-length: the prompt is padded to 24 positions, in our loader and in diffusers'
@@ -95,7 +104,8 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     assert schedule["rescale_betas_zero_snr"] and schedule["timestep_spacing"] == "trailing"
 
     # --install copies the model, not the run's checkpoints, logs or latent cache
-    assert (work / "pipeline" / "cache").is_dir() and (work / "pipeline" / "checkpoints").is_dir()
+    assert (work / "pipeline" / "checkpoints").is_dir() and (work / "pipeline" / "logs").is_dir()
+    assert (work / "pipeline-frozen" / "cache").is_dir()  # the joint stage reads its latents
     import pipelines.loading
 
     monkeypatch.setattr(pipelines.loading, "DEFAULT_MODEL", tmp_path / "installed")
