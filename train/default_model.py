@@ -13,8 +13,9 @@ its newest checkpoint):
   4. unet     `ldm train --model preset:shapes2` from scratch on that text encoder, frozen:
               v-prediction on a zero-terminal-SNR schedule, cached latents and text contexts
   5. joint    `ldm train --train-text-encoder`: the U-Net and the text encoder trained
-              together from there, on a fresh cosine schedule (--joint-steps; 0 skips it);
-              the text encoder is stored in float16 (loaded back in float32) to fit 25 MB
+              together from there, on a fresh cosine schedule (--joint-steps; 0 skips it).
+              The last of the two stores the text encoder in float16 (loaded back in float32)
+              to fit 25 MB
   6. eval     GenEval-style accuracy on held-out prompts and autoencoder PSNR on held-out images
   7. samples  a captioned grid of sample images (samples.png) and the model card
   8. install  the pipeline folder copied to pipelines/default_model (with --install)
@@ -257,12 +258,12 @@ def stage_joint(work: Path, args) -> None:
 
     if not args.joint_steps:
         return
-    out = work / "pipeline"
+    frozen, out = _unet_output(work, args), work / "pipeline"
     if (out / "model_index.json").is_file():
         return
     argv = [
         "--model",
-        str(_unet_output(work, args)),
+        str(frozen),
         "--train-text-encoder",
         "--data",
         str(work / "shapes-train"),
@@ -278,7 +279,7 @@ def stage_joint(work: Path, args) -> None:
         "--seed",
         str(args.seed + 1),  # not the frozen stage's draws again
         "--cache-dir",  # the frozen stage's latents: same autoencoder, same images
-        str(_unet_output(work, args) / "cache"),
+        str(frozen / "cache"),
         *_resume(out),
     ]
     if train(argv):
