@@ -474,8 +474,14 @@ def speed_quick(run: Run, ours, ref) -> None:
 
 def targets(run: Run) -> None:
     """The issue's speed targets, judged only for the full size on CUDA."""
-    speed, judged = run.data["speed"], run.args.size == "sd15" and run.device == "cuda"
-    mode = run.args.compile_mode
+    for row in target_rows(run.data["speed"], run.args.size, run.device, run.args.compile_mode):
+        run.add(row.section, row.check, row.result, row.target, row.status)
+
+
+def target_rows(speed: dict, size: str, device: str, mode: str) -> list[Row]:
+    """The target rows for a run's speed measurements (also for saved runs: --from-json judges
+    them again by these rules)."""
+    rows, judged = [], size == "sd15" and device == "cuda"
     kinds = ("eager", f"compiled ({mode})", f"compiled ({mode}, C++ wrapper)")
     pairs = [(kind, f"ours, {kind}", f"diffusers, {kind}") for kind in kinds]
     # each library's fastest documented setting: both replay CUDA graphs
@@ -486,13 +492,26 @@ def targets(run: Run) -> None:
         if ours and theirs:
             ratio = ours["it_s"] / theirs["it_s"]
             status = ("ok" if ratio >= TARGET_RATIO else "miss") if judged else "info"
-            run.add("targets", f"ours / diffusers it/s, {kind}", f"{ratio:.2f}×",
-                    f"≥ {TARGET_RATIO}×", status)  # fmt: skip
+            rows.append(Row("targets", f"ours / diffusers it/s, {kind}", f"{ratio:.2f}×",
+                            f"≥ {TARGET_RATIO}×", status))  # fmt: skip
+    # ≥ 100 it/s is judged on the setting documented for GPUs, compiled + CUDA graph; a run that
+    # did not measure it (--quick --cpp-wrapper) reports its best compiled figure as info only
     best = [(r["it_s"], k) for k, r in speed.items() if k.startswith("ours, compiled")]
     if best:
         its, label = max(best)
-        status = ("ok" if its >= TARGET_ITS else "miss") if judged else "info"
-        run.add("targets", f"best: {label}", f"{its:.1f} it/s", f"≥ {TARGET_ITS:.0f} it/s", status)
+        graphed = any(k.endswith("+ CUDA graph") for _, k in best)
+        status = ("ok" if its >= TARGET_ITS else "miss") if judged and graphed else "info"
+        target = f"≥ {TARGET_ITS:.0f} it/s" + ("" if graphed else " (CUDA graphs: not in this run)")
+        rows.append(Row("targets", f"best: {label}", f"{its:.1f} it/s", target, status))
+    return rows
+
+
+def rejudged(data: dict) -> list[Row]:
+    """A saved run's rows, its target rows judged again by the current rules."""
+    rows = [Row(**r) for r in data["rows"] if r["section"] != "targets"]
+    m = data["meta"]
+    device = "cuda" if m.get("cuda") else "cpu"  # meta's "cuda" is the CUDA version, or None
+    return rows + target_rows(data["speed"], m["size"], device, m["compile_mode"])
 
 
 # ------------------------------------------------------------------------------------ table
@@ -588,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
         runs = [json.loads(path.read_text()) for path in args.from_json]
-        runs = [(data, [Row(**r) for r in data["rows"]]) for data in runs]
+        runs = [(data, rejudged(data)) for data in runs]
     else:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -22,6 +22,7 @@
 # and then give_back. Inductor's C++ wrapper (--cpp-wrapper) compiles take ~200 s each, so its
 # like-for-like comparison is a call of its own (both libraries, with and without; ~500 s):
 #   run(command="bash bench/gpu.sh --quick --cpp-wrapper --budget 530", carry=[".whl"], timeout_s=590)
+# (2026-11-27: 557 s of work, 590 s wall with the start of Python; 73.0 vs 74.5 it/s.)
 # Its files come back from $OUT: gpu_bench.json (measurements, written after every stage) and
 # gpu_bench.log. Here, put the run into BENCHMARKS.md with:
 #   .venv/bin/python bench/gpu.py --from-json <files_at>/gpu_bench.json --write

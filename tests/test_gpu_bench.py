@@ -147,3 +147,45 @@ def test_from_json_renders_several_runs_under_one_title(smoke, tmp_path):
     assert proc.stdout.count("## GPU: correctness") == 1 and proc.stdout.count(HEADER) == 2
     first, second = proc.stdout.index("2026-01-01"), proc.stdout.index("2026-01-02")
     assert first < second and proc.stdout.count("`--quick`") == 1
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """bench/gpu.py as a module (it imports its neighbours in bench/)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("gpu_bench_module", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_target_rows_judge_the_100_its_target_only_with_cuda_graphs(gpu):
+    speed = {
+        "ours, compiled (default)": {"it_s": 60.0},
+        "diffusers, compiled (default)": {"it_s": 40.0},
+        "ours, compiled (default, C++ wrapper)": {"it_s": 73.0},
+        "diffusers, compiled (default, C++ wrapper)": {"it_s": 74.5},
+    }
+    rows = {r.check: r for r in gpu.target_rows(speed, "sd15", "cuda", "default")}
+    assert rows["ours / diffusers it/s, compiled (default)"].status == "ok"  # 1.5x
+    assert rows["ours / diffusers it/s, compiled (default, C++ wrapper)"].status == "miss"
+    best = rows["best: ours, compiled (default, C++ wrapper)"]
+    assert best.status == "info" and "not in this run" in best.target  # no CUDA-graph setting run
+    speed["ours, compiled (default) + CUDA graph"] = {"it_s": 95.0}
+    rows = {r.check: r for r in gpu.target_rows(speed, "sd15", "cuda", "default")}
+    assert rows["best: ours, compiled (default) + CUDA graph"].status == "miss"  # < 100 it/s
+    rows = gpu.target_rows(speed, "tiny", "cpu", "default")  # smoke size: never judged
+    assert rows and {r.status for r in rows} == {"info"}
+
+
+def test_from_json_judges_saved_targets_again(smoke, gpu):
+    _, data, _ = smoke
+    stale = dict(section="targets", check="an old rule", result="1", target="2", status="miss")
+    rows = gpu.rejudged(dict(data, rows=data["rows"] + [stale]))
+    assert "an old rule" not in [r.check for r in rows]
+    assert [r for r in rows if r.section != "targets"] == [
+        gpu.Row(**r) for r in data["rows"] if r["section"] != "targets"
+    ]
