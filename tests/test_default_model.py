@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -45,7 +46,8 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
 
     work = tmp_path / "work"
     tiny = ["--images", "32", "--vae-steps", "2", "--decoder64-steps", "2", "--text-steps", "2",
-            "--unet-steps", "2", "--joint-steps", "2", "--batch-size", "4", "--eval-prompts", "4",
+            "--unet-steps", "2", "--joint-steps", "2", "--joint-cycles", "2",
+            "--batch-size", "4", "--eval-prompts", "4",
             "--text-pad-loss", "0.5", "--text-max-length", "24",
             "--unet-preset", "shapes3"]  # fmt: skip
     assert main(["--work", str(work), *tiny]) == 0
@@ -88,8 +90,15 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     first = load_file(work / "pipeline-frozen" / unet_name)
     last = load_file(work / "pipeline" / unet_name)
     assert not all(torch.equal(first[k], last[k]) for k in first)
+    # --joint-cycles 2: the second cycle starts from the first's finished pipeline
+    between = load_file(work / "pipeline-joint1" / unet_name)
+    assert not all(torch.equal(between[k], first[k]) for k in first)
+    assert not all(torch.equal(between[k], last[k]) for k in first)
+    between_text = load_file(work / "pipeline-joint1" / "text_encoder" / "model.safetensors")
+    assert {v.dtype for v in between_text.values()} == {torch.float16}
+    assert not all(torch.equal(between_text[k], stored[k]) for k in stored)
     card = (work / "pipeline" / "README.md").read_text()
-    assert "joint_steps" in card
+    assert "joint_steps" in card and "joint_cycles" in card
     assert json.loads((work / "text_encoder" / "pretrain_eval.json").read_text())
     assert "text_encoder_pad_loss" in (work / "pipeline" / "README.md").read_text()
     # --text-max-length: the prompt is padded to 24 positions, in our loader and in diffusers'
@@ -114,3 +123,11 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     installed = install(work)
     assert (installed / "model_index.json").is_file() and (installed / "samples.png").is_file()
     assert not {"cache", "checkpoints", "logs"} & {p.name for p in installed.iterdir()}
+
+
+def test_train_default_rejects_a_joint_cycle_count_below_one(tmp_path):
+    from train.default_model import main
+
+    with pytest.raises(SystemExit, match="--joint-cycles: must be at least 1"):
+        main(["--work", str(tmp_path / "work"), "--joint-cycles", "0"])
+    assert not (tmp_path / "work" / "shapes-train").exists()  # refused before any stage ran

@@ -13,7 +13,8 @@ its newest checkpoint):
   4. unet     `ldm train --model preset:shapes2` from scratch on that text encoder, frozen:
               v-prediction on a zero-terminal-SNR schedule, cached latents and text contexts
   5. joint    `ldm train --train-text-encoder`: the U-Net and the text encoder trained
-              together from there, on a fresh cosine schedule (--joint-steps; 0 skips it).
+              together from there, on a fresh cosine schedule (--joint-steps; 0 skips it),
+              --joint-cycles times, each cycle from the last one's finished pipeline
               The last of the two stores the text encoder in float16 (loaded back in float32)
               to fit 25 MB
   6. eval     GenEval-style accuracy on held-out prompts and autoencoder PSNR on held-out images
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="then U-Net and text encoder trained together (default 6000; 0: frozen only)",
     )
     p.add_argument("--joint-learning-rate", type=float, default=2.5e-4)
+    p.add_argument(
+        "--joint-cycles",
+        type=int,
+        default=1,
+        help="joint stage repeated from its own result, a fresh schedule each time (default 1)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -253,17 +260,29 @@ def stage_joint(work: Path, args) -> None:
     letting the diffusion loss adjust the encoder too is what moved two-object binding, where
     more frozen steps did not. Measured on a continuation of the shipped model (200 held-out
     prompts, 3,000 steps of 6,000): binding 45.3% against 33.3% with the encoder kept frozen,
-    and 75.0% against ~55% on prompts drawn like the training captions (BENCHMARKS.md)."""
-    from train.cli import main as train
+    and 75.0% against ~55% on prompts drawn like the training captions (BENCHMARKS.md).
 
+    --joint-cycles repeats it from the cycle before's finished pipeline (text encoder rounded to
+    float16 in between, as a continuation of a shipped model would be), into pipeline-joint<k>,
+    the last cycle into pipeline."""
     if not args.joint_steps:
         return
-    frozen, out = _unet_output(work, args), work / "pipeline"
-    if (out / "model_index.json").is_file():
-        return
+    frozen = start = _unet_output(work, args)
+    for cycle in range(1, args.joint_cycles + 1):
+        last = cycle == args.joint_cycles
+        out = work / ("pipeline" if last else f"pipeline-joint{cycle}")
+        if not (out / "model_index.json").is_file():
+            _joint_cycle(work, args, start, out, frozen / "cache", seed=args.seed + cycle)
+        start = out
+
+
+def _joint_cycle(work: Path, args, start: Path, out: Path, cache: Path, seed: int) -> None:
+    """One joint cycle: start's U-Net and text encoder trained together into out, finished."""
+    from train.cli import main as train
+
     argv = [
         "--model",
-        str(frozen),
+        str(start),
         "--train-text-encoder",
         "--data",
         str(work / "shapes-train"),
@@ -277,9 +296,9 @@ def stage_joint(work: Path, args) -> None:
         "--lr-warmup-steps",
         "200",
         "--seed",
-        str(args.seed + 1),  # not the frozen stage's draws again
+        str(seed),  # not the frozen stage's (or the cycle before's) draws again
         "--cache-dir",  # the frozen stage's latents: same autoencoder, same images
-        str(frozen / "cache"),
+        str(cache),
         *_resume(out),
     ]
     if train(argv):
@@ -394,6 +413,7 @@ def stage_samples(work: Path, args) -> Path:
             "unet_steps": args.unet_steps,
             "joint_steps": args.joint_steps,
             "joint_learning_rate": args.joint_learning_rate,
+            "joint_cycles": args.joint_cycles,
             "vae_steps": args.vae_steps,
             "text_encoder_steps": args.text_steps,
             "text_encoder_pad_loss": args.text_pad_loss,
@@ -430,6 +450,8 @@ def install(work: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.joint_cycles < 1:
+        raise SystemExit(f"--joint-cycles: must be at least 1, got {args.joint_cycles}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     stages = {s.strip() for s in args.stages.split(",")}
