@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--joint-cycles",
         type=int,
-        default=1,
-        help="joint stage repeated from its own result, a fresh schedule each time (default 1)",
+        default=2,
+        help="joint stage repeated from its own result, a fresh schedule each time (default 2)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=5e-4)
