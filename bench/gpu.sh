@@ -13,6 +13,15 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 #       diffusers==0.42.1 open_clip_torch==3.3.0
+# and, for the xformers rows, its wheel (3 MiB; built for CUDA 12, so it needs libcudart.so.12
+# beside the image's CUDA 13 torch: only that library, in .whl/lib, since the runtime wheel's
+# nvidia/__init__.py would shadow the image's nvidia packages):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 -d .whl xformers==0.0.35
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_17_x86_64 -d /tmp nvidia-cuda-runtime-cu12==12.8.90
+#   mkdir -p .whl/lib && unzip -j /tmp/nvidia_cuda_runtime_cu12-*.whl \
+#       nvidia/cuda_runtime/lib/libcudart.so.12 -d .whl/lib
 # Then, with the device tool, one call (H100; leave kind out):
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)
 # On an H100 (2026-11-26) the whole script ran in 230 s after a 1-2 minute machine start; the
@@ -36,6 +45,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -d .whl/lib ]; then  # libcudart.so.12 for the carried xformers (see above)
+    export LD_LIBRARY_PATH=$PWD/.whl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 export PYTHONPATH=$PWD:$PYTHONPATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gpu_bench}
