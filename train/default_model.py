@@ -14,9 +14,10 @@ its newest checkpoint):
               v-prediction on a zero-terminal-SNR schedule, cached latents and text contexts
   5. joint    `ldm train --train-text-encoder`: the U-Net and the text encoder trained
               together from there, on a fresh cosine schedule (--joint-steps; 0 skips it),
-              --joint-cycles times, each cycle from the last one's finished pipeline
-              The last of the two stores the text encoder in float16 (loaded back in float32)
-              to fit 25 MB
+              --joint-cycles times (default 2), each from the cycle before's finished
+              pipeline. The last U-Net stage's folder is finished as the shipped pipeline:
+              whole-image decoder, generation defaults, the text encoder stored in float16
+              (loaded back in float32) to fit 25 MB
   6. eval     GenEval-style accuracy on held-out prompts and autoencoder PSNR on held-out images
   7. samples  a captioned grid of sample images (samples.png) and the model card
   8. install  the pipeline folder copied to pipelines/default_model (with --install)
