@@ -136,6 +136,35 @@ def test_finetune_lowers_heldout_loss_and_loads_in_ours_and_diffusers(pipe_dir, 
     assert (a - b).abs().max() < 1e-5
 
 
+def test_text_encoder_learning_rate_is_its_own(pipe_dir, noise_folder, tmp_path):
+    """--text-encoder-learning-rate: the text encoder's AdamW group has its own LR (a tiny one
+    leaves it as it was while the U-Net trains at the run's LR); without it, one LR for both."""
+    import train.loop as loop
+
+    def weights(folder, part):
+        name = "model" if part == "text_encoder" else "diffusion_pytorch_model"
+        return load_file(folder / part / f"{name}.safetensors")
+
+    kw = dict(max_steps=2, batch_size=2, learning_rate=1e-2, train_text_encoder=True)
+    loop.train(config(pipe_dir, noise_folder, tmp_path / "apart", text_encoder_learning_rate=1e-30,
+                      **kw))  # fmt: skip
+    loop.train(config(pipe_dir, noise_folder, tmp_path / "same", **kw))
+    before = {part: weights(pipe_dir, part) for part in ("unet", "text_encoder")}
+    moved = {}
+    for run in ("apart", "same"):
+        after = {part: weights(tmp_path / run, part) for part in ("unet", "text_encoder")}
+        moved[run] = {part: max((v - before[part][k]).abs().max().item() for k, v in w.items())
+                      for part, w in after.items()}  # fmt: skip
+    assert moved["apart"]["unet"] > 1e-4 and moved["same"]["unet"] > 1e-4
+    # two AdamW steps move a weight by at most ~2 x its LR (zero-initialised biases show it)
+    assert moved["apart"]["text_encoder"] < 1e-28 < 1e-4 < moved["same"]["text_encoder"]
+    with pytest.raises(ValueError, match="text_encoder_learning_rate=1e-05 must be > 0 and needs"):
+        config(pipe_dir, noise_folder, tmp_path / "bad", text_encoder_learning_rate=1e-5)
+    with pytest.raises(ValueError, match="text_encoder_learning_rate=0.0"):
+        config(pipe_dir, noise_folder, tmp_path / "bad", train_text_encoder=True,
+               text_encoder_learning_rate=0.0)  # fmt: skip
+
+
 # ---- exact resume ----
 
 
@@ -332,7 +361,8 @@ def test_help_documents_every_flag():
     text = build_parser().format_help()
     flags = """--model --data --output --vae --prediction-type --snr-gamma --offset-noise
         --zero-terminal-snr
-        --caption-dropout --ema-decay --train-text-encoder --max-steps --batch-size --resolution
+        --caption-dropout --ema-decay --train-text-encoder --text-encoder-learning-rate
+        --max-steps --batch-size --resolution
         --learning-rate --lr-scheduler --lr-warmup-steps --checkpoint-every
         --checkpoints-total-limit --resume --seed --mixed-precision --gradient-accumulation-steps
         --gradient-checkpointing --image-column --caption-column --validation-prompt

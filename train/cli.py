@@ -315,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the text encoder too (default: frozen)",
     )
     g.add_argument(
+        "--text-encoder-learning-rate",
+        type=float,
+        default=None,
+        help="with --train-text-encoder: the text encoder's AdamW LR, on the same schedule "
+        "(default: --learning-rate)",
+    )
+    g.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute activations in the backward pass: less memory, ~30%% slower",
@@ -443,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             caption_dropout=args.caption_dropout,
             ema_decay=args.ema_decay,
             train_text_encoder=args.train_text_encoder,
+            text_encoder_learning_rate=args.text_encoder_learning_rate,
             gradient_checkpointing=args.gradient_checkpointing,
             validation_prompts=tuple(args.validation_prompt),
             validation_every=args.validation_every,

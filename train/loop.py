@@ -81,6 +81,7 @@ class TrainConfig:
     caption_dropout: float = 0.0
     ema_decay: float | None = None
     train_text_encoder: bool = False
+    text_encoder_learning_rate: float | None = None  # None: the run's learning_rate
     gradient_checkpointing: bool = False
     validation_prompts: tuple[str, ...] = ()
     validation_every: int = 500
@@ -115,6 +116,13 @@ class TrainConfig:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 1 (or unset)")
         if self.lora_alpha is not None and (self.lora_rank is None or self.lora_alpha <= 0):
             raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0 and needs lora_rank")
+        if self.text_encoder_learning_rate is not None and (
+            not self.train_text_encoder or self.text_encoder_learning_rate <= 0
+        ):
+            raise ValueError(
+                f"text_encoder_learning_rate={self.text_encoder_learning_rate} must be > 0 and "
+                "needs train_text_encoder (--train-text-encoder)"
+            )
         if self.cache_text and self.train_text_encoder:
             raise ValueError(
                 "cache_text with train_text_encoder: cached contexts are valid only while the "
@@ -235,6 +243,15 @@ def _named_parameters(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn
             if p.requires_grad}  # fmt: skip
 
 
+def _param_groups(named: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> list:
+    """The optimizer's parameters: one group, or the text encoder's apart with its own LR."""
+    if cfg.text_encoder_learning_rate is None:
+        return list(named.values())
+    text = [p for k, p in named.items() if k.startswith("text_encoder.")]
+    rest = [p for k, p in named.items() if not k.startswith("text_encoder.")]
+    return [{"params": rest}, {"params": text, "lr": cfg.text_encoder_learning_rate}]
+
+
 def _caches(cfg: TrainConfig, parts: Components, dataset) -> EncodingCache | None:
     """Open the latent cache (given to the dataset) and return the text cache, as asked."""
     folder = Path(cfg.cache_dir or Path(cfg.run.output) / "cache")
@@ -313,7 +330,7 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.train_text_encoder:
             parts.text_encoder.model.gradient_checkpointing_enable()
     named = _named_parameters(modules)
-    optimizer, lr_schedule = make_optimizer(list(named.values()), run)
+    optimizer, lr_schedule = make_optimizer(_param_groups(named, cfg), run)
     ema = EMA(named, cfg.ema_decay) if cfg.ema_decay else None
     prepared = accelerator.prepare(*modules.values(), optimizer)
     wrapped = dict(zip(modules, prepared[:-1]))  # DDP wrappers in multi-process runs

@@ -173,10 +173,12 @@ def training_layout(unet: torch.nn.Module, device) -> torch.nn.Module:
 
 
 def make_optimizer(params: list, run: RunConfig):
-    """AdamW and its LR schedule (a LambdaLR stepped once per optimizer step)."""
+    """AdamW and its LR schedule (a LambdaLR stepped once per optimizer step). `params`: tensors,
+    or param groups (dicts; a group's own "lr" follows the same schedule, as a factor)."""
     # The fused kernel updates every tensor in one pass (one thread-pool dispatch on CPU, one
     # launch on CUDA): the same AdamW, ~5-9% of a small U-Net's CPU training step saved.
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in tensors)
     optimizer = torch.optim.AdamW(
         params,
         lr=run.learning_rate,
