@@ -5,12 +5,15 @@ and seeds: the held-out prompts (`train.shapes.heldout_prompts`, what `ldm train
 --stages eval` scores) or, with --split train, prompts drawn like the training captions. One
 printed line per setting: accuracy per attribute, binding and "overall" (every claim right).
 
+--checkpoint scores a training checkpoint instead: its EMA weights (`ldm train` keeps them with
+--ema-decay) put into --model's modules, --model being the folder that run started from.
+
 --padding empty replaces each prompt's outputs after its EOS by the empty prompt's (the words
 and the EOS kept): how much the U-Net reads the caption from the padding positions.
 
     python bench/default_model_eval.py [--model FOLDER] [--n 100] [--split heldout|train]
         [--sampler dpmpp_2m ...] [--steps 10 ...] [--guidance 4 ...] [--rescale 0 ...]
-        [--padding keep|empty] [--threads 2]
+        [--checkpoint RUN/checkpoints/checkpoint-N] [--padding keep|empty] [--threads 2]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from pipelines import TextToImagePipeline
 from text_encoder.clip_model import eos_positions
 from train.evaluate import evaluate
+from train.loop import load_trained_weights
 from train.shapes import describe, heldout_prompts, sample_scene
 
 
@@ -62,12 +66,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[10])
     p.add_argument("--guidance", type=float, nargs="+", default=[4.0])
     p.add_argument("--rescale", type=float, nargs="+", default=[0.0])
+    p.add_argument(
+        "--checkpoint", default=None, help="a training checkpoint of --model: score its EMA weights"
+    )
     p.add_argument("--padding", choices=("keep", "empty"), default="keep")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = TextToImagePipeline.from_pretrained(args.model)
     pipe.progress = False
+    if args.checkpoint:
+        load_trained_weights(pipe, args.checkpoint)
     if args.padding == "empty":
         empty_padding(pipe)
     prompts = prompts_for(args.split, args.n)

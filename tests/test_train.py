@@ -212,6 +212,36 @@ def test_resume_is_bitwise_exact_mid_epoch(pipe_dir, noise_folder, tmp_path, mon
     assert not all(torch.equal(v, split["unet"][k]) for k, v in unet.items())
 
 
+def test_a_checkpoints_weights_load_into_a_pipeline(pipe_dir, noise_folder, tmp_path):
+    """load_trained_weights: a checkpoint's EMA shadows (default) or its last trained weights
+    into a pipeline made from the run's --model; at the last step they are the saved folder's."""
+    import train.loop as loop
+    from pipelines import TextToImagePipeline
+
+    kw = dict(max_steps=2, batch_size=2, learning_rate=1e-2, ema_decay=0.9, checkpoint_every=2)
+    loop.train(config(pipe_dir, noise_folder, tmp_path / "run", train_text_encoder=True, **kw))
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-00000002"
+    saved = TextToImagePipeline.from_pretrained(tmp_path / "run")
+    pipe = TextToImagePipeline.from_pretrained(pipe_dir)
+    assert loop.load_trained_weights(pipe, checkpoint) == ["unet", "text_encoder"]
+    for part in ("unet", "text_encoder"):
+        ours, theirs = (p.unet.state_dict() if part == "unet" else p.text_encoder.model.state_dict()
+                        for p in (pipe, saved))  # fmt: skip
+        assert all(torch.equal(v, theirs[k]) for k, v in ours.items()), part
+    tensors, _ = load_checkpoint(checkpoint)
+    pipe = TextToImagePipeline.from_pretrained(pipe_dir)
+    loop.load_trained_weights(pipe, checkpoint, ema=False)
+    unet = pipe.unet.state_dict()
+    assert all(torch.equal(unet[k], v) for k, v in tensors["unet"].items())
+    assert not all(torch.equal(unet[k], v) for k, v in saved.unet.state_dict().items())
+
+    loop.train(config(pipe_dir, noise_folder, tmp_path / "lora", lora_rank=2, **kw))
+    with pytest.raises(ValueError, match="is from a LoRA run"):
+        loop.load_trained_weights(pipe, tmp_path / "lora" / "checkpoints" / "checkpoint-00000002")
+    with pytest.raises(ValueError, match="incomplete or damaged"):
+        loop.load_trained_weights(pipe, tmp_path / "nothing-here")
+
+
 # ---- processes ----
 
 

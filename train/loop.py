@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -42,7 +43,7 @@ from PIL import Image
 from ldm.schedule import alphas_cumprod, min_snr_weight, offset_noise, q_sample, training_target
 from pipelines.loading import Components
 from train.cache import EncodingCache, batch_posterior, cached_contexts, fingerprint, warn_if_random
-from train.checkpoint import read_checkpoint, write_checkpoint
+from train.checkpoint import load_checkpoint, read_checkpoint, write_checkpoint
 from train.data import DataConfig, load_dataset, use_buckets
 from train.ema import EMA
 from train.model import bucket_multiple, load_components, scratch_preset_name
@@ -241,6 +242,43 @@ def _named_parameters(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn
     """The trained parameters: all of each module's, or its LoRA factors."""
     return {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters()
             if p.requires_grad}  # fmt: skip
+
+
+def load_trained_weights(target, checkpoint: str | os.PathLike, ema: bool = True) -> list[str]:
+    """Put a checkpoint's trained weights into target's modules, in place.
+
+    target: a pipeline (or Components) made from the model the run trained, e.g. its --model
+    folder. ema: the EMA shadows (what the run's final folder holds) when the run kept them,
+    else the last trained weights. Returns the names of the modules loaded ("unet", and
+    "text_encoder" when the run trained it). LoRA runs are refused: their checkpoints hold
+    only the factors (load the saved LoRA file instead).
+    """
+    folder = Path(checkpoint)
+    tensors, state = load_checkpoint(folder)
+    if state["config"].get("lora_rank"):
+        raise ValueError(f"checkpoint {folder} is from a LoRA run: load its LoRA weights instead")
+    use_ema = ema and "ema" in tensors
+    modules = {"unet": target.unet, "text_encoder": target.text_encoder.model}
+    loaded = []
+    for name, module in modules.items():
+        if use_ema:
+            n = len(name) + 1
+            weights = {k[n:]: v for k, v in tensors["ema"].items() if k.startswith(f"{name}.")}
+        else:
+            weights = tensors.get(name, {})
+        if not weights:
+            continue
+        # the EMA holds parameters only: buffers (position ids) keep the target's values
+        result = module.load_state_dict(weights, strict=False)
+        params = {k for k, _ in module.named_parameters()}
+        missing = sorted(set(result.missing_keys) & params)
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"checkpoint {folder} does not match the target's {name}: missing {missing[:5]}, "
+                f"unexpected {sorted(result.unexpected_keys)[:5]}"
+            )
+        loaded.append(name)
+    return loaded
 
 
 def _param_groups(named: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> list:
