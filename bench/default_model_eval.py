@@ -12,8 +12,9 @@ printed line per setting: accuracy per attribute, binding and "overall" (every c
 and the EOS kept): how much the U-Net reads the caption from the padding positions.
 
     python bench/default_model_eval.py [--model FOLDER] [--n 100] [--split heldout|train]
-        [--sampler dpmpp_2m ...] [--steps 10 ...] [--guidance 4 ...] [--rescale 0 ...]
-        [--checkpoint RUN/checkpoints/checkpoint-N] [--padding keep|empty] [--threads 2]
+        [--prompt-seed 0] [--sampler dpmpp_2m ...] [--steps 10 ...] [--guidance 4 ...]
+        [--rescale 0 ...] [--checkpoint RUN/checkpoints/checkpoint-N]
+        [--padding keep|empty] [--threads 2]
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from train.loop import load_trained_weights
 from train.shapes import describe, heldout_prompts, sample_scene
 
 
-def prompts_for(split: str, n: int) -> list:
+def prompts_for(split: str, n: int, seed: int = 0) -> list:
     if split == "heldout":
-        return heldout_prompts(n, seed=0)
-    rng = np.random.default_rng([0, 777])
+        return heldout_prompts(n, seed=seed)
+    rng = np.random.default_rng([seed, 777])
     return [describe(sample_scene(rng, split="train"), rng) for _ in range(n)]
 
 
@@ -61,6 +62,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
     p.add_argument("--n", type=int, default=100, help="prompts (seeds 0..n-1)")
+    p.add_argument(
+        "--prompt-seed",
+        type=int,
+        default=0,
+        help="which prompts (default 0: the ones `ldm train-default` scores; another: a fresh set)",
+    )
     p.add_argument("--split", choices=("heldout", "train"), default="heldout")
     p.add_argument("--sampler", nargs="+", default=["dpmpp_2m"])
     p.add_argument("--steps", type=int, nargs="+", default=[10])
@@ -79,7 +86,7 @@ def main() -> None:
         load_trained_weights(pipe, args.checkpoint)
     if args.padding == "empty":
         empty_padding(pipe)
-    prompts = prompts_for(args.split, args.n)
+    prompts = prompts_for(args.split, args.n, args.prompt_seed)
     seeds = list(range(len(prompts)))
     settings = itertools.product(args.sampler, args.steps, args.guidance, args.rescale)
     for sampler, steps, guidance, rescale in settings:
@@ -92,9 +99,9 @@ def main() -> None:
 
         result = evaluate(generate, prompts, seeds)
         scores = {k: round(100 * v, 1) for k, v in result.items() if not k.startswith("n_")}
-        print(f"{args.split} n={len(prompts)} {sampler} steps={steps} guidance={guidance} "
-              f"rescale={rescale} padding={args.padding}: {scores} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+        print(f"{args.split} n={len(prompts)} prompt-seed={args.prompt_seed} {sampler} "
+              f"steps={steps} guidance={guidance} rescale={rescale} padding={args.padding}: "
+              f"{scores} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
