@@ -14,7 +14,7 @@ its newest checkpoint):
               v-prediction on a zero-terminal-SNR schedule, cached latents and text contexts
   5. joint    `ldm train --train-text-encoder`: the U-Net and the text encoder trained
               together from there, on a fresh cosine schedule (--joint-steps; 0 skips it),
-              --joint-cycles times (default 2), each from the cycle before's finished
+              --joint-cycles times (default 3), each from the cycle before's finished
               pipeline. The last U-Net stage's folder is finished as the shipped pipeline:
               whole-image decoder, generation defaults, the text encoder stored in float16
               (loaded back in float32) to fit 25 MB
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--joint-cycles",
         type=int,
-        default=2,
-        help="joint stage repeated from its own result, a fresh schedule each time (default 2)",
+        default=3,
+        help="joint stage repeated from its own result, a fresh schedule each time (default 3)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=5e-4)
