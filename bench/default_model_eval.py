@@ -6,7 +6,8 @@ and seeds: the held-out prompts (`train.shapes.heldout_prompts`, what `ldm train
 printed line per setting: accuracy per attribute, binding and "overall" (every claim right).
 
 --checkpoint scores a training checkpoint instead: its EMA weights (`ldm train` keeps them with
---ema-decay) put into --model's modules, --model being the folder that run started from.
+--ema-decay; else its last trained ones) put into --model's modules, --model being the folder
+that run started from.
 
 --padding empty replaces each prompt's outputs after its EOS by the empty prompt's (the words
 and the EOS kept): how much the U-Net reads the caption from the padding positions.
@@ -74,7 +75,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[4.0])
     p.add_argument("--rescale", type=float, nargs="+", default=[0.0])
     p.add_argument(
-        "--checkpoint", default=None, help="a training checkpoint of --model: score its EMA weights"
+        "--checkpoint",
+        default=None,
+        help="a training checkpoint of --model: score its EMA (else last) weights",
     )
     p.add_argument("--padding", choices=("keep", "empty"), default="keep")
     p.add_argument("--threads", type=int, default=2)
