@@ -9,13 +9,16 @@ printed line per setting: accuracy per attribute, binding and "overall" (every c
 --ema-decay; else its last trained ones) put into --model's modules, --model being the folder
 that run started from.
 
+--misses also prints where colour fails: misses on one- and two-object prompts, how many took
+the other object's colour, and the commonest (named, drawn) colour pairs.
+
 --padding empty replaces each prompt's outputs after its EOS by the empty prompt's (the words
 and the EOS kept): how much the U-Net reads the caption from the padding positions.
 
     python bench/default_model_eval.py [--model FOLDER] [--n 100] [--split heldout|train]
         [--prompt-seed 0] [--sampler dpmpp_2m ...] [--steps 10 ...] [--guidance 4 ...]
         [--rescale 0 ...] [--checkpoint RUN/checkpoints/checkpoint-N]
-        [--padding keep|empty] [--threads 2]
+        [--padding keep|empty] [--misses] [--threads 2]
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from collections import Counter
 
 import numpy as np
 import torch
 
 from pipelines import TextToImagePipeline
 from text_encoder.clip_model import eos_positions
-from train.evaluate import evaluate
+from train.evaluate import assign, detect, evaluate
 from train.loop import load_trained_weights
-from train.shapes import describe, heldout_prompts, sample_scene
+from train.shapes import describe, heldout_prompts, parse_caption, sample_scene
 
 
 def prompts_for(split: str, n: int, seed: int = 0) -> list:
@@ -59,6 +63,25 @@ def empty_padding(pipe: TextToImagePipeline) -> None:
     pipe.encode_prompt = encode_prompt
 
 
+def colour_misses(images, prompts) -> str:
+    """Where the colour claims of `prompts` fail on `images` (one per prompt), in one line."""
+    claims = []  # (named colour, drawn colour or None, objects in the prompt, the other's colour)
+    for image, (text, spec) in zip(images, prompts):
+        spec = spec or parse_caption(text)
+        objects = spec.objects
+        for j, (obj, det) in enumerate(zip(objects, assign(spec, detect(image)))):
+            if obj.color is not None:
+                other = objects[1 - j].color if len(objects) == 2 else None
+                claims.append((obj.color, det.color if det else None, len(objects), other))
+    missed = [c for c in claims if c[1] != c[0]]
+    per_n = [f"{n} object(s) {sum(c[2] == n for c in missed)}/{sum(c[2] == n for c in claims)}"
+             for n in (1, 2)]  # fmt: skip
+    took_other = sum(c[1] is not None and c[1] == c[3] for c in missed)
+    pairs = Counter((c[0], c[1]) for c in missed).most_common(8)
+    return (f"colour misses: {', '.join(per_n)}; took the other object's colour {took_other}; "
+            f"named -> drawn {', '.join(f'{a}->{b} {k}' for (a, b), k in pairs)}")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
@@ -80,6 +103,7 @@ def main() -> None:
         help="a training checkpoint of --model: score its EMA (else last) weights",
     )
     p.add_argument("--padding", choices=("keep", "empty"), default="keep")
+    p.add_argument("--misses", action="store_true", help="also print where colour fails")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,17 +118,24 @@ def main() -> None:
     settings = itertools.product(args.sampler, args.steps, args.guidance, args.rescale)
     for sampler, steps, guidance, rescale in settings:
         start = time.perf_counter()
+        images = []
 
-        def generate(texts, seeds_, sampler=sampler, steps=steps, g=guidance, r=rescale):
+        def generate(
+            texts, seeds_, sampler=sampler, steps=steps, g=guidance, r=rescale, images=images
+        ):
             generators = [torch.Generator().manual_seed(s) for s in seeds_]
-            return pipe(texts, num_inference_steps=steps, guidance_scale=g, guidance_rescale=r,
-                        sampler=sampler, output_type="np", generator=generators).images  # fmt: skip
+            out = pipe(texts, num_inference_steps=steps, guidance_scale=g, guidance_rescale=r,
+                       sampler=sampler, output_type="np", generator=generators).images  # fmt: skip
+            images.extend(out)
+            return out
 
         result = evaluate(generate, prompts, seeds)
         scores = {k: round(100 * v, 1) for k, v in result.items() if not k.startswith("n_")}
         print(f"{args.split} n={len(prompts)} prompt-seed={args.prompt_seed} {sampler} "
               f"steps={steps} guidance={guidance} rescale={rescale} padding={args.padding}: "
               f"{scores} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+        if args.misses:
+            print("  " + colour_misses(images, prompts), flush=True)
 
 
 if __name__ == "__main__":

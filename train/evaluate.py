@@ -262,6 +262,19 @@ def _bound(spec: SceneSpec, dets: list[Detection]) -> bool:
     return False
 
 
+def assign(spec: SceneSpec, dets: list[Detection]) -> list[Detection | None]:
+    """The detection matched to each object of `spec` (None: none left), the matching that
+    satisfies the most claims."""
+    n = len(spec.objects)
+    best, best_total = None, -1
+    for perm in permutations(range(len(dets)), min(n, len(dets))):
+        assigned = [dets[i] for i in perm] + [None] * (n - len(perm))
+        total = sum(sum(v) for v in _claims(spec, assigned).values())
+        if total > best_total:
+            best, best_total = assigned, total
+    return best
+
+
 def score_one(image, spec: SceneSpec) -> dict[str, list[bool]]:
     """Each claim of `spec` checked on one image, grouped by metric (empty list: no claim)."""
     n = len(spec.objects)
@@ -270,14 +283,7 @@ def score_one(image, spec: SceneSpec) -> dict[str, list[bool]]:
     if spec.relation is not None and (n != 2 or spec.relation not in RELATIONS):
         raise ValueError(f"spec.relation must be None or one of {list(RELATIONS)} with 2 objects")
     dets = detect(image)
-    # Match named objects to detections the way that satisfies the most claims.
-    best, best_total = None, -1
-    for perm in permutations(range(len(dets)), min(n, len(dets))):
-        assigned = [dets[i] for i in perm] + [None] * (n - len(perm))
-        claims = _claims(spec, assigned)
-        total = sum(sum(v) for v in claims.values())
-        if total > best_total:
-            best, best_total = claims, total
+    best = _claims(spec, assign(spec, dets))
     count_ok = len(dets) == n
     best["count"] = [count_ok]
     if n == 2:
