@@ -39,7 +39,7 @@ def test_ldm_generate_works_offline_on_the_default_model(tmp_path):
 
 def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     """The whole recipe (data, two autoencoder passes, text encoder, U-Net frozen then joint,
-    eval, samples) at toy sizes."""
+    then grounded, eval, samples) at toy sizes."""
     from safetensors.torch import load_file
 
     from train.default_model import DEFAULT_STEPS, main
@@ -47,7 +47,7 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     work = tmp_path / "work"
     tiny = ["--images", "32", "--vae-steps", "2", "--decoder64-steps", "2", "--text-steps", "2",
             "--unet-steps", "2", "--joint-steps", "2", "--joint-cycles", "2",
-            "--batch-size", "4", "--eval-prompts", "4",
+            "--grounded-steps", "2", "--batch-size", "4", "--eval-prompts", "4",
             "--text-pad-loss", "0.5", "--text-max-length", "24",
             "--unet-preset", "shapes3"]  # fmt: skip
     assert main(["--work", str(work), *tiny]) == 0
@@ -97,8 +97,15 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     between_text = load_file(work / "pipeline-joint1" / "text_encoder" / "model.safetensors")
     assert {v.dtype for v in between_text.values()} == {torch.float16}
     assert not all(torch.equal(between_text[k], stored[k]) for k in stored)
+    # --grounded-steps: one more cycle, from the last joint cycle's pipeline, with the
+    # grounding loss (its terms are logged)
+    joint2 = load_file(work / "pipeline-joint2" / unet_name)
+    assert not all(torch.equal(joint2[k], last[k]) for k in first)
+    metrics = (work / "pipeline" / "logs" / "metrics.csv").read_text()
+    assert "grounding_own" in metrics and "grounding_leak" in metrics
+    assert "grounding_" not in (work / "pipeline-joint2" / "logs" / "metrics.csv").read_text()
     card = (work / "pipeline" / "README.md").read_text()
-    assert "joint_steps" in card and "joint_cycles" in card
+    assert "joint_steps" in card and "joint_cycles" in card and "grounding_weight" in card
     assert json.loads((work / "text_encoder" / "pretrain_eval.json").read_text())
     assert "text_encoder_pad_loss" in (work / "pipeline" / "README.md").read_text()
     # --text-max-length: the prompt is padded to 24 positions, in our loader and in diffusers'

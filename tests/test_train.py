@@ -165,6 +165,40 @@ def test_text_encoder_learning_rate_is_its_own(pipe_dir, noise_folder, tmp_path)
                text_encoder_learning_rate=0.0)  # fmt: skip
 
 
+def test_grounding_loss_trains_logs_and_refuses_other_data(
+    pipe_dir, shapes, noise_folder, tmp_path
+):
+    """--grounding-weight on a shapes folder: the run logs both terms, in [0, 1], and the loss
+    reaches the weights (the same seed without it ends elsewhere); other data and bad settings
+    are refused with the setting's name."""
+    import csv
+
+    import train.loop as loop
+
+    kw = dict(max_steps=3, batch_size=4, learning_rate=1e-3, train_text_encoder=True,
+              report_to="csv", log_every=1, grounding_t_max=1000)  # fmt: skip
+    unets, logged = {}, {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"w{weight:g}"
+        loop.train(config(pipe_dir, shapes[0], out, grounding_weight=weight, **kw))
+        unets[weight] = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+        with open(out / "logs" / "metrics.csv") as f:
+            logged[weight] = [(row["name"], float(row["value"])) for row in csv.DictReader(f)]
+    terms = [(n, v) for n, v in logged[1.0] if n.startswith("grounding_")]
+    assert {n for n, _ in terms} == {"grounding_own", "grounding_leak"}
+    assert all(0.0 < v <= 1.0 for _, v in terms), terms
+    assert not any(n.startswith("grounding_") for n, _ in logged[0.0])
+    assert any(not torch.equal(v, unets[1.0][k]) for k, v in unets[0.0].items())
+    with pytest.raises(ValueError, match="made by train.shapes"):
+        loop.train(config(pipe_dir, noise_folder, tmp_path / "noise", max_steps=1,
+                          grounding_weight=1.0))  # fmt: skip
+    with pytest.raises(ValueError, match="grounding_weight=-1"):
+        config(pipe_dir, shapes[0], tmp_path / "bad", grounding_weight=-1)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        config(pipe_dir, shapes[0], tmp_path / "bad", grounding_weight=1.0,
+               gradient_checkpointing=True)  # fmt: skip
+
+
 # ---- exact resume ----
 
 
@@ -397,7 +431,7 @@ def test_help_documents_every_flag():
         --checkpoints-total-limit --resume --seed --mixed-precision --gradient-accumulation-steps
         --gradient-checkpointing --image-column --caption-column --validation-prompt
         --validation-every --num-workers --center-crop --random-crop --random-flip --report-to
-        --strict --text-encoder""".split()
+        --strict --text-encoder --grounding-weight --grounding-t-max""".split()
     assert not [f for f in flags if f not in text]
 
 

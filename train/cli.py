@@ -359,6 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep an EMA of the weights with this decay, e.g. 0.9999; the EMA "
         "weights are saved (default: off)",
     )
+    g.add_argument(
+        "--grounding-weight",
+        type=float,
+        default=0.0,
+        help="for data sets made by train.shapes: add a loss, this weighted, that makes each "
+        "object's pixels attend to that object's colour and shape words (train/grounding.py; "
+        "default: 0, off)",
+    )
+    g.add_argument(
+        "--grounding-t-max",
+        type=int,
+        default=800,
+        help="the grounding loss counts for timesteps below this (default: 800)",
+    )
     add_data_args(parser)
     add_bucket_args(parser)
     add_lora_and_cache_args(parser)
@@ -463,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             cache_latents=args.cache_latents,
             cache_text=args.cache_text,
             cache_dir=args.cache_dir,
+            grounding_weight=args.grounding_weight,
+            grounding_t_max=args.grounding_t_max,
         )
         train(config)
 

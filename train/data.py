@@ -145,7 +145,8 @@ def to_training_tensor(
 
 
 class CaptionedImages(Dataset):
-    """Checked records -> {"pixels": (3, h, w) in [-1, 1], "caption": str} by (index, epoch).
+    """Checked records -> {"pixels": (3, h, w) in [-1, 1], "caption": str, "index": int} by
+    (index, epoch), "index" the record the item came from.
 
     `buckets` (a BucketPlan) gives each image its own (w, h) instead of the square; with
     `latent_cache` set, items also carry their cache "key", and a cached item carries the
@@ -195,7 +196,7 @@ class CaptionedImages(Dataset):
         if self.latent_cache is None:
             image = open_image(ref)
             return {"pixels": apply_transform(image, self._plan(image.size, i, rng)),
-                    "caption": caption}  # fmt: skip
+                    "caption": caption, "index": i}  # fmt: skip
         data = read_bytes(ref)
         with Image.open(io.BytesIO(data)) as header:  # the header only: no decoding yet
             plan = self._plan(oriented_size(header), i, rng)
@@ -203,9 +204,9 @@ class CaptionedImages(Dataset):
         cached = self.latent_cache.get(key)
         if cached is not None:
             return {"moments": torch.cat([cached["mean"], cached["logvar"]]), "caption": caption,
-                    "key": key}  # fmt: skip
+                    "key": key, "index": i}  # fmt: skip
         image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-        return {"pixels": apply_transform(image, plan), "caption": caption, "key": key}
+        return {"pixels": apply_transform(image, plan), "caption": caption, "key": key, "index": i}
 
 
 def use_buckets(dataset: CaptionedImages, multiple: int) -> BucketPlan:

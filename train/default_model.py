@@ -15,7 +15,10 @@ its newest checkpoint):
   5. joint    `ldm train --train-text-encoder`: the U-Net and the text encoder trained
               together from there, on a fresh cosine schedule (--joint-steps; 0 skips it),
               --joint-cycles times (default 3), each from the cycle before's finished
-              pipeline. The last U-Net stage's folder is finished as the shipped pipeline:
+              pipeline, then one grounded cycle (--grounded-steps; 0 skips it): the same
+              with train/grounding.py's loss added, each object's pixels made to read
+              that object's own colour and shape words. The last U-Net stage's folder is
+              finished as the shipped pipeline:
               whole-image decoder, generation defaults, the text encoder stored in float16
               (loaded back in float32) to fit 25 MB
   6. eval     GenEval-style accuracy on held-out prompts and autoencoder PSNR on held-out images
@@ -94,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         help="joint stage repeated from its own result, a fresh schedule each time (default 3)",
+    )
+    p.add_argument(
+        "--grounded-steps",
+        type=int,
+        default=3000,
+        help="a last joint cycle with the grounding loss (default 3000; 0: none)",
+    )
+    p.add_argument("--grounded-learning-rate", type=float, default=1e-4)
+    p.add_argument(
+        "--grounding-weight",
+        type=float,
+        default=0.05,
+        help="the grounded cycle's grounding-loss weight (default 0.05)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=5e-4)
@@ -264,20 +280,30 @@ def stage_joint(work: Path, args) -> None:
     and 75.0% against ~55% on prompts drawn like the training captions (BENCHMARKS.md).
 
     --joint-cycles repeats it from the cycle before's finished pipeline (text encoder rounded to
-    float16 in between, as a continuation of a shipped model would be), into pipeline-joint<k>,
-    the last cycle into pipeline."""
+    float16 in between, as a continuation of a shipped model would be), into pipeline-joint<k>;
+    --grounded-steps adds one more cycle with the grounding loss (train/grounding.py), gentler
+    (--grounded-learning-rate, 100 warm-up steps). The last cycle writes pipeline. On the
+    model shipped before it, the grounded cycle moved held-out colour 91.7 -> 94.5% and binding
+    75.6 -> 78.5% (means over three sets of 200 prompts; shape 95.1 -> 93.7%; BENCHMARKS.md)."""
     if not args.joint_steps:
         return
     frozen = start = _unet_output(work, args)
-    for cycle in range(1, args.joint_cycles + 1):
-        last = cycle == args.joint_cycles
-        out = work / ("pipeline" if last else f"pipeline-joint{cycle}")
+    cycles = [(args.joint_steps, args.joint_learning_rate, 200, [])] * args.joint_cycles
+    if args.grounded_steps:
+        grounding = ["--grounding-weight", str(args.grounding_weight)]
+        cycles.append((args.grounded_steps, args.grounded_learning_rate, 100, grounding))
+    for cycle, (steps, lr, warmup, extra) in enumerate(cycles, start=1):
+        out = work / ("pipeline" if cycle == len(cycles) else f"pipeline-joint{cycle}")
         if not (out / "model_index.json").is_file():
-            _joint_cycle(work, args, start, out, frozen / "cache", seed=args.seed + cycle)
+            seed = args.seed + cycle  # not the frozen stage's (or the cycle before's) draws again
+            _joint_cycle(work, start, out, frozen / "cache", seed, steps, lr, warmup, extra, args)
         start = out
 
 
-def _joint_cycle(work: Path, args, start: Path, out: Path, cache: Path, seed: int) -> None:
+def _joint_cycle(
+    work: Path, start: Path, out: Path, cache: Path, seed: int, steps: int, lr: float,
+    warmup: int, extra: list[str], args,
+) -> None:  # fmt: skip
     """One joint cycle: start's U-Net and text encoder trained together into out, finished."""
     from train.cli import main as train
 
@@ -291,15 +317,16 @@ def _joint_cycle(work: Path, args, start: Path, out: Path, cache: Path, seed: in
         str(out),
         *_common_unet_args(args),
         "--max-steps",
-        str(args.joint_steps),
+        str(steps),
         "--learning-rate",
-        str(args.joint_learning_rate),
+        str(lr),
         "--lr-warmup-steps",
-        "200",
+        str(warmup),
         "--seed",
-        str(seed),  # not the frozen stage's (or the cycle before's) draws again
+        str(seed),
         "--cache-dir",  # the frozen stage's latents: same autoencoder, same images
         str(cache),
+        *extra,
         *_resume(out),
     ]
     if train(argv):
@@ -415,6 +442,9 @@ def stage_samples(work: Path, args) -> Path:
             "joint_steps": args.joint_steps,
             "joint_learning_rate": args.joint_learning_rate,
             "joint_cycles": args.joint_cycles,
+            "grounded_steps": args.grounded_steps,
+            "grounded_learning_rate": args.grounded_learning_rate,
+            "grounding_weight": args.grounding_weight,
             "vae_steps": args.vae_steps,
             "text_encoder_steps": args.text_steps,
             "text_encoder_pad_loss": args.text_pad_loss,

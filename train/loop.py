@@ -96,6 +96,8 @@ class TrainConfig:
     cache_latents: bool = False  # cache the autoencoder's posteriors on disk
     cache_text: bool = False  # cache the text contexts on disk (frozen text encoder only)
     cache_dir: str | None = None  # None: <output>/cache
+    grounding_weight: float = 0.0  # shapes data sets only: train/grounding.py's loss, weighted
+    grounding_t_max: int = 800  # the grounding loss counts for timesteps t < this
 
     def __post_init__(self):
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
@@ -123,6 +125,16 @@ class TrainConfig:
             raise ValueError(
                 f"text_encoder_learning_rate={self.text_encoder_learning_rate} must be > 0 and "
                 "needs train_text_encoder (--train-text-encoder)"
+            )
+        if self.grounding_weight < 0 or self.grounding_t_max < 1:
+            raise ValueError(
+                f"grounding_weight={self.grounding_weight} must be >= 0 and "
+                f"grounding_t_max={self.grounding_t_max} >= 1"
+            )
+        if self.grounding_weight and self.gradient_checkpointing:
+            raise ValueError(
+                "grounding_weight with gradient_checkpointing: the recomputed forward would "
+                "record the attention twice; drop one of them"
             )
         if self.cache_text and self.train_text_encoder:
             raise ValueError(
@@ -420,6 +432,13 @@ def train(cfg: TrainConfig) -> Path:
             m.train(mode)
         log_grid(accelerator, "validation", grid, at)
 
+    grounding = None
+    if cfg.grounding_weight:
+        from train.grounding import Grounding, grounding_terms, record_cross_attention
+
+        grounding = Grounding(cfg.data.data, parts.text_encoder.tokenizer, cfg.grounding_t_max)
+    g_sums = torch.zeros(2)
+
     # ---- the loop ----
     accum = run.gradient_accumulation_steps
     loader = batches(dataset, run, accelerator, step)
@@ -453,14 +472,26 @@ def train(cfg: TrainConfig) -> Path:
                         context = (encode(captions) if text_cache is None else
                                    cached_contexts(text_cache, parts.text_encoder, captions,
                                                    encode))  # fmt: skip
-                    loss, mse = diffusion_loss(
-                        unet, x0, eps, t, context, alpha_bar, prediction_type, cfg.snr_gamma
-                    )
+                    with (record_cross_attention(parts.unet) if grounding
+                          else contextlib.nullcontext()) as probs:  # fmt: skip
+                        loss, mse = diffusion_loss(
+                            unet, x0, eps, t, context, alpha_bar, prediction_type, cfg.snr_gamma
+                        )
+                    total = loss
+                    if grounding is not None:
+                        files = [Path(dataset.records.images[i]).name for i in batch["index"]]
+                        ids = parts.text_encoder.tokenize(
+                            captions, long_prompt="truncate", weighting=False
+                        ).ids
+                        terms = grounding_terms(probs, grounding.targets(files, captions, ids, t))
+                        if terms is not None:
+                            total = loss + cfg.grounding_weight * (terms[0] + terms[1])
+                            g_sums += torch.stack(terms).detach().cpu()
                 seen = accelerator.gather(
                     torch.stack([loss.detach().expand(B), mse, t.float()], 1)
                 ).cpu()
                 check_finite(seen[:, :2], step)
-                accelerator.backward(loss / accum)
+                accelerator.backward(total / accum)
             bucket = (seen[:, 2] * LOSS_BUCKETS / T).long().clamp(max=LOSS_BUCKETS - 1)
             sums.index_add_(0, bucket, seen[:, 1])
             counts.index_add_(0, bucket, torch.ones_like(seen[:, 1]))
@@ -486,6 +517,10 @@ def train(cfg: TrainConfig) -> Path:
                 "samples_per_second": logged_items * accelerator.num_processes / elapsed,
             }
             logs |= {name: (s / c).item() for name, s, c in zip(buckets, sums, counts) if c > 0}
+            if grounding is not None:  # means over the logged micro-batches
+                logs |= {"grounding_own": g_sums[0].item() / logged_n,
+                         "grounding_leak": g_sums[1].item() / logged_n}  # fmt: skip
+                g_sums.zero_()
             accelerator.log(logs, step=step)
             sums.zero_(), counts.zero_()
             logged_loss, logged_n, logged_items = 0.0, 0, 0
