@@ -150,10 +150,12 @@ def test_a_shapes_folder_gives_targets_and_other_folders_a_clear_error(tmp_path,
     folder = make_dataset(tmp_path / "d", 40, seed=3, size=32)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     g = Grounding(folder, tokenizer, t_max=800)
-    tokens = [ids_of(tokenizer, r["text"]) for r in rows]
-    ids = torch.tensor([t + [0] * (77 - len(t)) for t in tokens])
+
+    def ids(texts):
+        return [ids_of(tokenizer, text) for text in texts]
+
     names, captions = [r["file_name"] for r in rows], [r["text"] for r in rows]
-    found = g.targets(names, captions, ids, torch.zeros(len(rows), dtype=torch.long))
+    found = g.targets(names, captions, torch.zeros(len(rows), dtype=torch.long), ids)
     named_once = [t for t, r in zip(found, rows) if t is not None]
     assert len(named_once) >= 30  # all but "two red circles" captions
     for t, r in zip(found, rows):
@@ -162,8 +164,8 @@ def test_a_shapes_folder_gives_targets_and_other_folders_a_clear_error(tmp_path,
             assert all(obj in scene.objects for _, obj in t)
     # dropped captions and t >= t_max give none
     late = torch.full((len(rows),), 800)
-    assert g.targets(names, captions, ids, late) == [None] * len(rows)
-    assert g.targets(names, [""] * len(rows), ids, torch.zeros(len(rows))) == [None] * len(rows)
+    assert g.targets(names, captions, late, ids) == [None] * len(rows)
+    assert g.targets(names, [""] * len(rows), torch.zeros(len(rows)), ids) == [None] * len(rows)
     assert len(read_scenes(folder)) == 40
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n')

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -105,6 +106,7 @@ def object_targets(spec: SceneSpec, scene: SceneSpec, ids: list[int], words: dic
     return targets
 
 
+@lru_cache(maxsize=1 << 16)  # the same objects recur every epoch; callers only read it
 def object_mask(obj: ObjectSpec, side: int) -> Tensor:
     """The object's coverage of a side x side grid over the image, flattened row-major."""
     half = obj.extent * side / 2
@@ -188,18 +190,21 @@ class Grounding:
         self.t_max = t_max
         self._targets: dict[tuple[str, str], Target | None] = {}
 
-    def targets(self, files: list[str], captions: list[str], ids: Tensor, t: Tensor):
-        out = []
-        for b, (name, caption) in enumerate(zip(files, captions)):
-            if not caption or int(t[b]) >= self.t_max or name not in self.scenes:
-                out.append(None)
-                continue
-            key = (name, caption)
-            if key not in self._targets:
+    def targets(self, files: list[str], captions: list[str], t: Tensor, tokenize) -> list:
+        """Per sample: its Target, or None (dropped caption, t >= t_max, no one-phrase-per-object
+        caption). `tokenize(captions)` gives each caption's ids as the model reads them; it is
+        called only for images not seen before."""
+        wanted = [bool(c) and int(t[b]) < self.t_max and name in self.scenes
+                  for b, (name, c) in enumerate(zip(files, captions))]  # fmt: skip
+        new = {(n, c) for n, c, w in zip(files, captions, wanted) if w} - self._targets.keys()
+        if new:
+            new = sorted(new)
+            for (name, caption), ids in zip(new, tokenize([c for _, c in new])):
                 text, spec, scene = self.scenes[name]
                 found = None
                 if text == caption:
-                    found = object_targets(spec, scene, ids[b].tolist(), self.words)
-                self._targets[key] = found
-            out.append(self._targets[key])
-        return out
+                    ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+                    found = object_targets(spec, scene, ids, self.words)
+                self._targets[(name, caption)] = found
+        return [self._targets[(n, c)] if w else None
+                for n, c, w in zip(files, captions, wanted)]  # fmt: skip

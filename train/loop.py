@@ -437,6 +437,10 @@ def train(cfg: TrainConfig) -> Path:
         from train.grounding import Grounding, grounding_terms, record_cross_attention
 
         grounding = Grounding(cfg.data.data, parts.text_encoder.tokenizer, cfg.grounding_t_max)
+
+        def tokenize_ids(texts: list[str]) -> torch.Tensor:  # the ids the text encoder reads
+            return parts.text_encoder.tokenize(texts, long_prompt="truncate", weighting=False).ids
+
     g_sums = torch.zeros(2)
 
     # ---- the loop ----
@@ -480,10 +484,8 @@ def train(cfg: TrainConfig) -> Path:
                     total = loss
                     if grounding is not None:
                         files = [Path(dataset.records.images[i]).name for i in batch["index"]]
-                        ids = parts.text_encoder.tokenize(
-                            captions, long_prompt="truncate", weighting=False
-                        ).ids
-                        terms = grounding_terms(probs, grounding.targets(files, captions, ids, t))
+                        targets = grounding.targets(files, captions, t, tokenize_ids)
+                        terms = grounding_terms(probs, targets)
                         if terms is not None:
                             total = loss + cfg.grounding_weight * (terms[0] + terms[1])
                             g_sums += torch.stack(terms).detach().cpu()
