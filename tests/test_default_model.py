@@ -32,6 +32,11 @@ def test_ldm_generate_works_offline_on_the_default_model(tmp_path):
     image = Image.open(out)
     params = json.loads(image.info["ldm:parameters"])
     assert params["model"] is None and params["prompt"] == "a red circle"
+    # the folder's recommended settings, not the CLI's generic ones (7.5 / 50)
+    defaults = json.loads((DEFAULT_MODEL / "generation_defaults.json").read_text())
+    assert (params["guidance"], params["steps"]) == (
+        defaults["guidance_scale"], defaults["num_inference_steps"]
+    )
     assert image.size == (64, 64)
     pixels = np.asarray(image, dtype=np.float32) / 255
     assert pixels.std() > 0.05  # not a blank or black image
