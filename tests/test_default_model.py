@@ -35,7 +35,8 @@ def test_ldm_generate_works_offline_on_the_default_model(tmp_path):
     # the folder's recommended settings, not the CLI's generic ones (7.5 / 50)
     defaults = json.loads((DEFAULT_MODEL / "generation_defaults.json").read_text())
     assert (params["guidance"], params["steps"]) == (
-        defaults["guidance_scale"], defaults["num_inference_steps"]
+        defaults["guidance_scale"],
+        defaults["num_inference_steps"],
     )
     assert image.size == (64, 64)
     pixels = np.asarray(image, dtype=np.float32) / 255
