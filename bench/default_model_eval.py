@@ -12,11 +12,14 @@ that run started from.
 --misses also prints where colour fails: misses on one- and two-object prompts, how many took
 the other object's colour, and the commonest (named, drawn) colour pairs.
 
+--prompt-seed takes several sets: each is scored, then their mean (per claim) is printed.
+--steps and --guidance default to the model folder's generation_defaults.json.
+
 --padding empty replaces each prompt's outputs after its EOS by the empty prompt's (the words
 and the EOS kept): how much the U-Net reads the caption from the padding positions.
 
     python bench/default_model_eval.py [--model FOLDER] [--n 100] [--split heldout|train]
-        [--prompt-seed 0] [--sampler dpmpp_2m ...] [--steps 10 ...] [--guidance 4 ...]
+        [--prompt-seed 0 ...] [--sampler dpmpp_2m ...] [--steps 10 ...] [--guidance 3 ...]
         [--rescale 0 ...] [--checkpoint RUN/checkpoints/checkpoint-N]
         [--padding keep|empty] [--misses] [--threads 2]
 """
@@ -89,13 +92,14 @@ def main() -> None:
     p.add_argument(
         "--prompt-seed",
         type=int,
-        default=0,
-        help="which prompts (default 0: the ones `ldm train-default` scores; another: a fresh set)",
+        nargs="+",
+        default=[0],
+        help="which prompts (default 0: the ones `ldm train-default` scores; others: fresh sets)",
     )
     p.add_argument("--split", choices=("heldout", "train"), default="heldout")
     p.add_argument("--sampler", nargs="+", default=["dpmpp_2m"])
-    p.add_argument("--steps", type=int, nargs="+", default=[10])
-    p.add_argument("--guidance", type=float, nargs="+", default=[4.0])
+    p.add_argument("--steps", type=int, nargs="+", default=None)
+    p.add_argument("--guidance", type=float, nargs="+", default=None)
     p.add_argument("--rescale", type=float, nargs="+", default=[0.0])
     p.add_argument(
         "--checkpoint",
@@ -113,29 +117,50 @@ def main() -> None:
         load_trained_weights(pipe, args.checkpoint)
     if args.padding == "empty":
         empty_padding(pipe)
-    prompts = prompts_for(args.split, args.n, args.prompt_seed)
+    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, **pipe.generation_defaults}
+    steps_list = args.steps or [defaults["num_inference_steps"]]
+    guidance_list = args.guidance or [defaults["guidance_scale"]]
+    settings = itertools.product(args.sampler, steps_list, guidance_list, args.rescale)
+    for setting in settings:
+        results = [score(pipe, args, setting, prompt_seed) for prompt_seed in args.prompt_seed]
+        if len(results) > 1:
+            print(f"  mean of {len(results)} sets: {mean_scores(results)}", flush=True)
+
+
+def mean_scores(results: list[dict]) -> dict:
+    """Accuracy per claim over several sets (each result holds its rates and claim counts)."""
+    out = {}
+    for key in results[0]:
+        if key.startswith("n_") or f"n_{key}" not in results[0]:
+            continue
+        right = sum(r[key] * r[f"n_{key}"] for r in results)
+        out[key] = round(100 * right / max(1, sum(r[f"n_{key}"] for r in results)), 1)
+    return out
+
+
+def score(pipe, args, setting, prompt_seed: int) -> dict:
+    """Score one sampling setting on one prompt set; print one line and return the result."""
+    sampler, steps, guidance, rescale = setting
+    prompts = prompts_for(args.split, args.n, prompt_seed)
     seeds = list(range(len(prompts)))
-    settings = itertools.product(args.sampler, args.steps, args.guidance, args.rescale)
-    for sampler, steps, guidance, rescale in settings:
-        start = time.perf_counter()
-        images = []
+    start = time.perf_counter()
+    images = []
 
-        def generate(
-            texts, seeds_, sampler=sampler, steps=steps, g=guidance, r=rescale, images=images
-        ):
-            generators = [torch.Generator().manual_seed(s) for s in seeds_]
-            out = pipe(texts, num_inference_steps=steps, guidance_scale=g, guidance_rescale=r,
-                       sampler=sampler, output_type="np", generator=generators).images  # fmt: skip
-            images.extend(out)
-            return out
+    def generate(texts, seeds_, sampler=sampler, steps=steps, g=guidance, r=rescale, images=images):
+        generators = [torch.Generator().manual_seed(s) for s in seeds_]
+        out = pipe(texts, num_inference_steps=steps, guidance_scale=g, guidance_rescale=r,
+                   sampler=sampler, output_type="np", generator=generators).images  # fmt: skip
+        images.extend(out)
+        return out
 
-        result = evaluate(generate, prompts, seeds)
-        scores = {k: round(100 * v, 1) for k, v in result.items() if not k.startswith("n_")}
-        print(f"{args.split} n={len(prompts)} prompt-seed={args.prompt_seed} {sampler} "
-              f"steps={steps} guidance={guidance} rescale={rescale} padding={args.padding}: "
-              f"{scores} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-        if args.misses:
-            print("  " + colour_misses(images, prompts), flush=True)
+    result = evaluate(generate, prompts, seeds)
+    scores = {k: round(100 * v, 1) for k, v in result.items() if not k.startswith("n_")}
+    print(f"{args.split} n={len(prompts)} prompt-seed={prompt_seed} {sampler} "
+          f"steps={steps} guidance={guidance} rescale={rescale} padding={args.padding}: "
+          f"{scores} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+    if args.misses:
+        print("  " + colour_misses(images, prompts), flush=True)
+    return result
 
 
 if __name__ == "__main__":
