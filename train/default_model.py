@@ -286,7 +286,8 @@ def stage_joint(work: Path, args) -> None:
     --grounded-steps adds one more cycle with the grounding loss (train/grounding.py), gentler
     (--grounded-learning-rate, 100 warm-up steps). The last cycle writes pipeline. On the
     model shipped before it, the grounded cycle moved held-out colour 91.7 -> 94.5% and binding
-    75.6 -> 78.5% (means over three sets of 200 prompts; shape 95.1 -> 93.7%; BENCHMARKS.md)."""
+    75.6 -> 78.5% (means over three sets of 200 prompts at guidance 4; shape 95.1 -> 93.7%;
+    BENCHMARKS.md); the grounded model samples best at guidance 3 (DEFAULT_GUIDANCE)."""
     if not args.joint_steps:
         return
     frozen = start = _unet_output(work, args)
