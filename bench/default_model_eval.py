@@ -13,7 +13,8 @@ that run started from.
 the other object's colour, and the commonest (named, drawn) colour pairs.
 
 --prompt-seed takes several sets: each is scored, then their mean (per claim) is printed.
---steps and --guidance default to the model folder's generation_defaults.json.
+--steps and --guidance default to the model folder's generation_defaults.json (else the
+pipeline's own defaults).
 
 --padding empty replaces each prompt's outputs after its EOS by the empty prompt's (the words
 and the EOS kept): how much the U-Net reads the caption from the padding positions.
@@ -27,6 +28,7 @@ and the EOS kept): how much the U-Net reads the caption from the padding positio
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import time
 from collections import Counter
@@ -117,7 +119,10 @@ def main() -> None:
         load_trained_weights(pipe, args.checkpoint)
     if args.padding == "empty":
         empty_padding(pipe)
-    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, **pipe.generation_defaults}
+    # the folder's generation_defaults.json, else the pipeline's own defaults
+    call = inspect.signature(type(pipe).__call__).parameters
+    defaults = {k: pipe.generation_defaults.get(k, call[k].default)
+                for k in ("num_inference_steps", "guidance_scale")}  # fmt: skip
     steps_list = args.steps or [defaults["num_inference_steps"]]
     guidance_list = args.guidance or [defaults["guidance_scale"]]
     settings = itertools.product(args.sampler, steps_list, guidance_list, args.rescale)

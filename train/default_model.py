@@ -34,7 +34,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
-# Guidance 3 was measured best for the grounded model (colour and binding on three sets of
+# Guidance 3 was measured best for the grounded model (colour and binding on five sets of
 # held-out prompts, BENCHMARKS.md); the models before the grounded cycle were best at 4.
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SAMPLER = 10, 3.0, "dpmpp_2m"
 STAGES = ("data", "vae", "text", "unet", "joint", "eval", "samples")
