@@ -28,7 +28,6 @@ and the EOS kept): how much the U-Net reads the caption from the padding positio
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import time
 from collections import Counter
@@ -119,10 +118,7 @@ def main() -> None:
         load_trained_weights(pipe, args.checkpoint)
     if args.padding == "empty":
         empty_padding(pipe)
-    # the folder's generation_defaults.json, else the pipeline's own defaults
-    call = inspect.signature(type(pipe).__call__).parameters
-    defaults = {k: pipe.generation_defaults.get(k, call[k].default)
-                for k in ("num_inference_steps", "guidance_scale")}  # fmt: skip
+    defaults = pipe.call_defaults()
     steps_list = args.steps or [defaults["num_inference_steps"]]
     guidance_list = args.guidance or [defaults["guidance_scale"]]
     settings = itertools.product(args.sampler, steps_list, guidance_list, args.rescale)

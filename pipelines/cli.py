@@ -182,9 +182,9 @@ def generate(s: dict) -> list[Path]:
             f"--replay: the model's weights changed since the image was made "
             f"(hash {model_hash[:12]} != {s['model_hash'][:12]})"
         )
-    defaults = getattr(pipe, "generation_defaults", {})
-    steps = s["steps"] if s["steps"] is not None else defaults.get("num_inference_steps", 30)
-    guidance = s["guidance"] if s["guidance"] is not None else defaults.get("guidance_scale", 7.5)
+    defaults = pipe.call_defaults()
+    steps = s["steps"] if s["steps"] is not None else defaults["num_inference_steps"]
+    guidance = s["guidance"] if s["guidance"] is not None else defaults["guidance_scale"]
     sampler = s["sampler"] or pipe.sampler
     f = pipe.vae_scale_factor
     height = s["height"] or pipe.unet.config.sample_size * f

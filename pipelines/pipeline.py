@@ -9,6 +9,7 @@ denoiser, decode with the autoencoder.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,13 @@ class DiffusionPipeline:
                     f"autoencoder's factor {self.vae_scale_factor} × the U-Net's "
                     f"{m // self.vae_scale_factor})"
                 )
+
+    def call_defaults(self) -> dict:
+        """The steps and guidance a call gets when the caller names none: the folder's
+        generation_defaults.json where it has them, else `__call__`'s own defaults."""
+        params = inspect.signature(type(self).__call__).parameters
+        return {k: self.generation_defaults.get(k, params[k].default)
+                for k in ("num_inference_steps", "guidance_scale")}  # fmt: skip
 
     @staticmethod
     def _check_common(num_inference_steps, num_images_per_prompt, guidance_scale, output_type):
