@@ -138,9 +138,32 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     assert not {"cache", "checkpoints", "logs"} & {p.name for p in installed.iterdir()}
 
 
-def test_train_default_rejects_a_joint_cycle_count_below_one(tmp_path):
+def test_train_default_rejects_a_bad_joint_cycle_count(tmp_path):
     from train.default_model import main
 
-    with pytest.raises(SystemExit, match="--joint-cycles: must be at least 1"):
-        main(["--work", str(tmp_path / "work"), "--joint-cycles", "0"])
+    with pytest.raises(SystemExit, match="--joint-cycles: must be >= 0, got -1"):
+        main(["--work", str(tmp_path / "work"), "--joint-cycles", "-1"])
+    with pytest.raises(SystemExit, match="--joint-cycles 0 .* --grounded-steps is 0"):
+        main(["--work", str(tmp_path / "work"), "--joint-cycles", "0", "--grounded-steps", "0"])
     assert not (tmp_path / "work" / "shapes-train").exists()  # refused before any stage ran
+
+
+def test_train_default_with_no_plain_joint_cycle_runs_only_the_grounded_one(tmp_path, monkeypatch):
+    """--joint-cycles 0: the grounded cycle starts from the frozen stage and writes pipeline."""
+    import train.default_model as dm
+
+    calls = []
+    monkeypatch.setattr(
+        dm, "_joint_cycle", lambda work, start, out, *rest: calls.append((start, out, rest))
+    )
+    work = tmp_path / "work"
+    args = dm.build_parser().parse_args(
+        ["--work", str(work), "--joint-cycles", "0", "--grounded-steps", "7",
+         "--grounded-learning-rate", "2.5e-4"]
+    )  # fmt: skip
+    dm.stage_joint(work, args)
+    assert len(calls) == 1
+    start, out, (cache, seed, steps, lr, warmup, extra, _) = calls[0]
+    assert (start, out, cache) == (work / "pipeline-frozen", work / "pipeline", start / "cache")
+    assert (seed, steps, lr, warmup) == (1, 7, 2.5e-4, 100)
+    assert extra == ["--grounding-weight", "0.05"]

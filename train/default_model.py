@@ -14,7 +14,7 @@ its newest checkpoint):
               v-prediction on a zero-terminal-SNR schedule, cached latents and text contexts
   5. joint    `ldm train --train-text-encoder`: the U-Net and the text encoder trained
               together from there, on a fresh cosine schedule (--joint-steps; 0 skips it),
-              --joint-cycles times (default 3), each from the cycle before's finished
+              --joint-cycles times (default 3; 0: none), each from the cycle before's finished
               pipeline, then one grounded cycle (--grounded-steps; 0 skips it): the same
               with train/grounding.py's loss added, each object's pixels made to read
               that object's own colour and shape words. The last U-Net stage's folder is
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--joint-cycles",
         type=int,
         default=3,
-        help="joint stage repeated from its own result, a fresh schedule each time (default 3)",
+        help="joint stage repeated from its own result, a fresh schedule each time (default 3; "
+        "0: only the grounded cycle, straight after the frozen stage)",
     )
     p.add_argument(
         "--grounded-steps",
@@ -484,8 +485,13 @@ def install(work: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.joint_cycles < 1:
-        raise SystemExit(f"--joint-cycles: must be at least 1, got {args.joint_cycles}")
+    if args.joint_cycles < 0:
+        raise SystemExit(f"--joint-cycles: must be >= 0, got {args.joint_cycles}")
+    if args.joint_steps and not args.joint_cycles and not args.grounded_steps:
+        raise SystemExit(
+            "--joint-cycles 0 leaves the joint stage only the grounded cycle, and --grounded-steps "
+            "is 0; for no joint stage at all pass --joint-steps 0"
+        )
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     stages = {s.strip() for s in args.stages.split(",")}
