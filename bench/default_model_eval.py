@@ -7,7 +7,7 @@ printed line per setting: accuracy per attribute, binding and "overall" (every c
 
 --checkpoint scores a training checkpoint instead: its EMA weights (`ldm train` keeps them with
 --ema-decay; else its last trained ones) put into --model's modules, --model being the folder
-that run started from.
+that run started from; with --no-ema, its last trained weights even when it kept an EMA.
 
 --misses also prints where colour fails: misses on one- and two-object prompts, how many took
 the other object's colour, and the commonest (named, drawn) colour pairs.
@@ -21,7 +21,7 @@ and the EOS kept): how much the U-Net reads the caption from the padding positio
 
     python bench/default_model_eval.py [--model FOLDER] [--n 100] [--split heldout|train]
         [--prompt-seed 0 ...] [--sampler dpmpp_2m ...] [--steps 10 ...] [--guidance 3 ...]
-        [--rescale 0 ...] [--checkpoint RUN/checkpoints/checkpoint-N]
+        [--rescale 0 ...] [--checkpoint RUN/checkpoints/checkpoint-N [--no-ema]]
         [--padding keep|empty] [--misses] [--threads 2]
 """
 
@@ -107,6 +107,9 @@ def main() -> None:
         default=None,
         help="a training checkpoint of --model: score its EMA (else last) weights",
     )
+    p.add_argument(
+        "--no-ema", action="store_true", help="--checkpoint: its last trained weights, not the EMA"
+    )
     p.add_argument("--padding", choices=("keep", "empty"), default="keep")
     p.add_argument("--misses", action="store_true", help="also print where colour fails")
     p.add_argument("--threads", type=int, default=2)
@@ -115,7 +118,7 @@ def main() -> None:
     pipe = TextToImagePipeline.from_pretrained(args.model)
     pipe.progress = False
     if args.checkpoint:
-        load_trained_weights(pipe, args.checkpoint)
+        load_trained_weights(pipe, args.checkpoint, ema=not args.no_ema)
     if args.padding == "empty":
         empty_padding(pipe)
     defaults = pipe.call_defaults()

@@ -55,7 +55,7 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
             "--unet-steps", "2", "--joint-steps", "2", "--joint-cycles", "2",
             "--grounded-steps", "2", "--batch-size", "4", "--eval-prompts", "4",
             "--text-pad-loss", "0.5", "--text-max-length", "24",
-            "--unet-preset", "shapes3"]  # fmt: skip
+            "--unet-preset", "shapes3", "--segmentation-weight", "0.1"]  # fmt: skip
     assert main(["--work", str(work), *tiny]) == 0
     for folder in ("vae", "vae-ft64"):
         assert (work / folder / "config.json").is_file(), folder
@@ -109,9 +109,13 @@ def test_train_default_runs_every_stage_at_a_tiny_size(tmp_path, monkeypatch):
     assert not all(torch.equal(joint2[k], last[k]) for k in first)
     metrics = (work / "pipeline" / "logs" / "metrics.csv").read_text()
     assert "grounding_own" in metrics and "grounding_leak" in metrics
+    # --segmentation-weight: the frozen stage's loss only
+    assert ",segmentation," in (work / "pipeline-frozen" / "logs" / "metrics.csv").read_text()
+    assert ",segmentation," not in metrics
     assert "grounding_" not in (work / "pipeline-joint2" / "logs" / "metrics.csv").read_text()
     card = (work / "pipeline" / "README.md").read_text()
     assert "joint_steps" in card and "joint_cycles" in card and "grounding_weight" in card
+    assert "segmentation_weight" in card
     assert json.loads((work / "text_encoder" / "pretrain_eval.json").read_text())
     assert "text_encoder_pad_loss" in (work / "pipeline" / "README.md").read_text()
     # --text-max-length: the prompt is padded to 24 positions, in our loader and in diffusers'

@@ -199,6 +199,54 @@ def test_grounding_loss_trains_logs_and_refuses_other_data(
                gradient_checkpointing=True)  # fmt: skip
 
 
+def test_segmentation_loss_trains_logs_resumes_and_refuses_other_data(
+    pipe_dir, shapes, noise_folder, tmp_path
+):
+    """--segmentation-weight on a shapes folder: the run logs the loss, the head trains (its
+    loss falls), reaches the U-Net (the same seed without it ends elsewhere), is kept in the
+    checkpoints and not in the saved pipeline; other data and bad settings are refused."""
+    import csv
+
+    import train.loop as loop
+
+    kw = dict(batch_size=4, learning_rate=3e-3, report_to="csv", log_every=1,
+              grounding_t_max=1000, checkpoint_every=10, ema_decay=0.9)  # fmt: skip
+    unets, logged = {}, {}
+    for weight, steps in ((0.0, 3), (1.0, 3), (1.0, 20)):
+        out = tmp_path / f"w{weight:g}-{steps}"
+        loop.train(config(pipe_dir, shapes[0], out, segmentation_weight=weight, max_steps=steps,
+                          **kw))  # fmt: skip
+        unets[weight, steps] = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+        with open(out / "logs" / "metrics.csv") as f:
+            logged[weight, steps] = [(r["name"], float(r["value"])) for r in csv.DictReader(f)]
+    seg = [v for n, v in logged[1.0, 20] if n == "segmentation"]
+    assert len(seg) == 20 and 0.0 < min(seg)
+    assert np.mean(seg[-5:]) < 0.8 * np.mean(seg[:5]), seg  # the head and features learn
+    assert not any(n == "segmentation" for n, _ in logged[0.0, 3])
+    assert any(not torch.equal(v, unets[1.0, 3][k]) for k, v in unets[0.0, 3].items())
+    assert unets[1.0, 3].keys() == unets[0.0, 3].keys()  # the head is not in the pipeline
+    tensors, _ = load_checkpoint(tmp_path / "w1-20" / "checkpoints" / "checkpoint-00000020")
+    assert set(tensors["segmentation"]) == {"head.weight", "head.bias"}
+    assert any(k.startswith("segmentation.") for k in tensors["ema"])
+    # resumed from step 10 (head, EMA and optimizer restored): the same weights at 20
+    import shutil
+
+    again = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "w1-20" / "checkpoints" / "checkpoint-00000010",
+                    again / "checkpoints" / "checkpoint-00000010")  # fmt: skip
+    loop.train(config(pipe_dir, shapes[0], again, segmentation_weight=1.0, max_steps=20,
+                      resume="latest", **kw))  # fmt: skip
+    resumed = load_file(again / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, unets[1.0, 20][k]) for k, v in resumed.items())
+    with pytest.raises(ValueError, match="made by train.shapes"):
+        loop.train(config(pipe_dir, noise_folder, tmp_path / "noise", max_steps=1,
+                          segmentation_weight=1.0))  # fmt: skip
+    with pytest.raises(ValueError, match="segmentation_weight=-1"):
+        config(pipe_dir, shapes[0], tmp_path / "bad", segmentation_weight=-1)
+    with pytest.raises(ValueError, match="lora_rank"):
+        config(pipe_dir, shapes[0], tmp_path / "bad", segmentation_weight=1.0, lora_rank=4)
+
+
 # ---- exact resume ----
 
 

@@ -371,7 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--grounding-t-max",
         type=int,
         default=800,
-        help="the grounding loss counts for timesteps below this (default: 800)",
+        help="the grounding and segmentation losses count for timesteps below this (default: 800)",
+    )
+    g.add_argument(
+        "--segmentation-weight",
+        type=float,
+        default=0.0,
+        help="for data sets made by train.shapes: add a loss, this weighted, in which a 1x1 "
+        "convolution on the U-Net's last feature map names each latent pixel's object shape "
+        "and colour (train/segmentation.py; default: 0, off)",
     )
     add_data_args(parser)
     add_bucket_args(parser)
@@ -479,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir,
             grounding_weight=args.grounding_weight,
             grounding_t_max=args.grounding_t_max,
+            segmentation_weight=args.segmentation_weight,
         )
         train(config)
 

@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--unet-steps", type=int, default=10000)
     p.add_argument(
+        "--segmentation-weight",
+        type=float,
+        default=0.0,
+        help="the frozen U-Net stage's segmentation-loss weight (train/segmentation.py; "
+        "default 0: off)",
+    )
+    p.add_argument(
         "--joint-steps",
         type=int,
         default=6000,
@@ -266,6 +273,8 @@ def stage_unet(work: Path, args) -> None:
         str(args.seed),
         *_resume(out),
     ]
+    if args.segmentation_weight:
+        argv += ["--segmentation-weight", str(args.segmentation_weight)]
     if train(argv):
         raise SystemExit("ldm train-default: the U-Net stage failed")
     if not args.joint_steps:
@@ -449,6 +458,7 @@ def stage_samples(work: Path, args) -> Path:
             "grounded_steps": args.grounded_steps,
             "grounded_learning_rate": args.grounded_learning_rate,
             "grounding_weight": args.grounding_weight,
+            "segmentation_weight": args.segmentation_weight,
             "vae_steps": args.vae_steps,
             "text_encoder_steps": args.text_steps,
             "text_encoder_pad_loss": args.text_pad_loss,

@@ -97,7 +97,8 @@ class TrainConfig:
     cache_text: bool = False  # cache the text contexts on disk (frozen text encoder only)
     cache_dir: str | None = None  # None: <output>/cache
     grounding_weight: float = 0.0  # shapes data sets only: train/grounding.py's loss, weighted
-    grounding_t_max: int = 800  # the grounding loss counts for timesteps t < this
+    grounding_t_max: int = 800  # the grounding and segmentation losses count for t < this
+    segmentation_weight: float = 0.0  # shapes data sets only: train/segmentation.py's loss
 
     def __post_init__(self):
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
@@ -130,6 +131,13 @@ class TrainConfig:
             raise ValueError(
                 f"grounding_weight={self.grounding_weight} must be >= 0 and "
                 f"grounding_t_max={self.grounding_t_max} >= 1"
+            )
+        if self.segmentation_weight < 0:
+            raise ValueError(f"segmentation_weight={self.segmentation_weight} must be >= 0")
+        if self.segmentation_weight and self.lora_rank is not None:
+            raise ValueError(
+                "segmentation_weight with lora_rank: the segmentation head trains in full; "
+                "drop one of them"
             )
         if self.grounding_weight and self.gradient_checkpointing:
             raise ValueError(
@@ -364,6 +372,11 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.data.buckets:
         use_buckets(dataset, bucket_multiple(cfg.data, parts))
     modules = _trained(parts, cfg)
+    if cfg.segmentation_weight:  # its head trains and is checkpointed with the U-Net
+        from train.segmentation import Segmentation, record_features
+
+        channels = parts.unet.conv_norm_out.num_channels
+        modules["segmentation"] = Segmentation(cfg.data.data, channels, cfg.grounding_t_max)
     parts.vae.to(device).eval().requires_grad_(False)
     parts.text_encoder.model.to(device).requires_grad_(cfg.train_text_encoder)
     parts.text_encoder.model.train(cfg.train_text_encoder)
@@ -441,7 +454,8 @@ def train(cfg: TrainConfig) -> Path:
         def tokenize_ids(texts: list[str]) -> torch.Tensor:  # the ids the text encoder reads
             return parts.text_encoder.tokenize(texts, long_prompt="truncate", weighting=False).ids
 
-    g_sums = torch.zeros(2)
+    g_sums, seg_sum = torch.zeros(2), torch.zeros(())
+    segmentation = wrapped.get("segmentation")
 
     # ---- the loop ----
     accum = run.gradient_accumulation_steps
@@ -477,17 +491,28 @@ def train(cfg: TrainConfig) -> Path:
                                    cached_contexts(text_cache, parts.text_encoder, captions,
                                                    encode))  # fmt: skip
                     with (record_cross_attention(parts.unet) if grounding
-                          else contextlib.nullcontext()) as probs:  # fmt: skip
+                          else contextlib.nullcontext()) as probs, \
+                         (record_features(parts.unet) if segmentation is not None
+                          else contextlib.nullcontext()) as features:  # fmt: skip
                         loss, mse = diffusion_loss(
                             unet, x0, eps, t, context, alpha_bar, prediction_type, cfg.snr_gamma
                         )
                     total = loss
+                    files = (
+                        [Path(dataset.records.images[i]).name for i in batch["index"]]
+                        if grounding is not None or segmentation is not None
+                        else []
+                    )
+                    if segmentation is not None:
+                        seg = segmentation(features[-1], files, captions, t)
+                        if seg is not None:
+                            total = total + cfg.segmentation_weight * seg
+                            seg_sum += seg.detach().cpu()
                     if grounding is not None:
-                        files = [Path(dataset.records.images[i]).name for i in batch["index"]]
                         targets = grounding.targets(files, captions, t, tokenize_ids)
                         terms = grounding_terms(probs, targets)
                         if terms is not None:
-                            total = loss + cfg.grounding_weight * (terms[0] + terms[1])
+                            total = total + cfg.grounding_weight * (terms[0] + terms[1])
                             g_sums += torch.stack(terms).detach().cpu()
                 seen = accelerator.gather(
                     torch.stack([loss.detach().expand(B), mse, t.float()], 1)
@@ -523,6 +548,9 @@ def train(cfg: TrainConfig) -> Path:
                 logs |= {"grounding_own": g_sums[0].item() / logged_n,
                          "grounding_leak": g_sums[1].item() / logged_n}  # fmt: skip
                 g_sums.zero_()
+            if segmentation is not None:
+                logs["segmentation"] = seg_sum.item() / logged_n
+                seg_sum.zero_()
             accelerator.log(logs, step=step)
             sums.zero_(), counts.zero_()
             logged_loss, logged_n, logged_items = 0.0, 0, 0
