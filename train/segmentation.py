@@ -42,7 +42,7 @@ def label_maps(scene: SceneSpec, side: int) -> Tensor:
         m = object_mask(obj, side)
         maps[1 + SHAPES.index(obj.shape)] += m
         maps[N_SHAPE + 1 + list(COLORS).index(obj.color)] += m
-    covered = maps[1:N_SHAPE].sum(0).clamp(max=1.0)  # objects do not overlap; rounding may
+    covered = maps[1:N_SHAPE].sum(0).clamp(max=1.0)  # scenes keep objects apart; guard anyway
     maps[0], maps[N_SHAPE] = 1.0 - covered, 1.0 - covered
     maps[1:N_SHAPE] /= maps[1:N_SHAPE].sum(0).clamp_min(1.0)
     maps[N_SHAPE + 1 :] /= maps[N_SHAPE + 1 :].sum(0).clamp_min(1.0)
@@ -69,8 +69,9 @@ class Segmentation(nn.Module):
         self, features: Tensor, files: list[str], captions: list[str], t: Tensor
     ) -> Tensor | None:
         """The loss over the samples that count (None when none does). features: (B, C, H, W)."""
+        steps = t.tolist()  # one device read, not one per sample
         rows = [b for b, (name, c) in enumerate(zip(files, captions))
-                if c and int(t[b]) < self.t_max and name in self.scenes]  # fmt: skip
+                if c and steps[b] < self.t_max and name in self.scenes]  # fmt: skip
         if not rows:
             return None
         side = features.shape[-1]
