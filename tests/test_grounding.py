@@ -146,6 +146,45 @@ def test_the_recorder_sees_every_cross_attention_and_changes_nothing():
         torch.testing.assert_close(a.sum(-1), torch.ones(2, side * side))
 
 
+def test_recording_only_the_targeted_samples_gives_the_same_loss_and_gradients(tokenizer):
+    from ldm.unet import UNET_PRESETS, UNet
+
+    targets, ids = targets_for(tokenizer)
+    torch.manual_seed(0)
+    unet = UNet(replace(UNET_PRESETS["tiny"], sample_size=8))
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 900, 500])
+    context = torch.randn(3, len(ids), unet.config.cross_attention_dim)
+    per_sample = [targets, None, targets]  # the middle one has no target (t >= t_max, say)
+    results = []
+    for rows in (None, [0, 2]):
+        unet.zero_grad()
+        with record_cross_attention(unet, rows) as probs:
+            unet(x, t, context)
+        assert all(a.shape[0] == (3 if rows is None else 2) for a in probs)
+        own, leak = grounding_terms(probs, per_sample)
+        (own + leak).backward()
+        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+        results.append((own.detach(), leak.detach(), grads))
+    (own0, leak0, g0), (own1, leak1, g1) = results
+    torch.testing.assert_close(own1, own0)
+    torch.testing.assert_close(leak1, leak0)
+    assert g0.keys() == g1.keys() and any("attn2.to_q" in n for n in g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], msg=name)
+    # no sample with a target: nothing recorded; a wrong number of samples: a clear error
+    with record_cross_attention(unet, []) as probs:
+        unet(x, t, context)
+    assert probs == []
+    with pytest.raises(ValueError, match="expected 3 .* or 2"):
+        grounding_terms([a[:1] for a in probs_full(unet, x, t, context)], per_sample)
+
+
+def probs_full(unet, x, t, context):
+    with torch.no_grad(), record_cross_attention(unet) as probs:
+        unet(x, t, context)
+    return probs
+
+
 def test_a_shapes_folder_gives_targets_and_other_folders_a_clear_error(tmp_path, tokenizer):
     folder = make_dataset(tmp_path / "d", 40, seed=3, size=32)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]

@@ -33,6 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.attention import Attention
@@ -119,7 +120,9 @@ def grounding_terms(
     probs: list[Tensor], targets: list[Target | None]
 ) -> tuple[Tensor, Tensor] | None:
     """(own term, leak term), each a mean over layers, for head-averaged attention `probs`
-    [(B, L, Lc) per layer, L a square] and per-sample targets (None: no terms)."""
+    [(B, L, Lc) per layer, L a square] and per-sample targets (None: no terms). A layer's
+    probs may also hold only the samples with a target, in order (record_cross_attention's
+    `rows`): (R, L, Lc), R the number of targets that are not None."""
     rows = [b for b, t in enumerate(targets) if t]
     if not rows:
         return None
@@ -139,7 +142,14 @@ def grounding_terms(
                     owner[i, j, list(tokens)] = 1.0
             masks[side] = (pixel.to(a), owner.to(a))
         pixel, owner = masks[side]
-        to_obj = torch.einsum("blk,bjk->bjl", a[rows], owner)  # (R, 2, L): to object j's words
+        if a.shape[0] not in (len(rows), len(targets)):
+            raise ValueError(
+                f"probs: {a.shape[0]} samples, expected {len(targets)} (the batch) or "
+                f"{len(rows)} (those with a target)"
+            )
+        if a.shape[0] != len(rows):
+            a = a[rows]
+        to_obj = torch.einsum("blk,bjk->bjl", a, owner)  # (R, 2, L): to object j's words
         area = pixel.sum(-1)  # (R, 2); 0 where a caption names one object
         named = area > 0
         own = ((1 - to_obj) * pixel).sum(-1) / area.clamp_min(1e-8)
@@ -155,18 +165,26 @@ def grounding_terms(
 
 
 @contextmanager
-def record_cross_attention(unet: nn.Module):
+def record_cross_attention(unet: nn.Module, rows: list[int] | None = None):
     """Yield a list that fills with each cross-attention layer's head-averaged softmax
-    attention (B, L, Lc) during forward passes inside the block (the output is unchanged)."""
+    attention (B, L, Lc) during forward passes inside the block (the output is unchanged).
+    With `rows`, only those samples' attention is computed: (len(rows), L, Lc) per layer (the
+    samples that have a grounding target; the others' would be computed for nothing)."""
     probs: list[Tensor] = []
 
     def hook(module: Attention, args, kwargs, output):
         x = args[0]
         context = args[1] if len(args) > 1 else kwargs.get("context")
-        if context is None:
+        if context is None or rows == []:
             return
+        if rows is not None:
+            x, context = x[rows], context[rows]
         B, L, _ = x.shape
-        q, k, _ = module._project(x, context)
+        if module.fused:  # q and k only: v does not enter the attention weights
+            w_q, w_k, _ = module.qkv_weight.chunk(3)
+            q, k = F.linear(x, w_q), F.linear(context, w_k)
+        else:
+            q, k = module.to_q(x), module.to_k(context)
         q = q.view(B, L, module.heads, -1).transpose(1, 2).float()
         k = k.view(B, context.shape[1], module.heads, -1).transpose(1, 2).float()
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])

@@ -490,7 +490,15 @@ def train(cfg: TrainConfig) -> Path:
                         context = (encode(captions) if text_cache is None else
                                    cached_contexts(text_cache, parts.text_encoder, captions,
                                                    encode))  # fmt: skip
-                    with (record_cross_attention(parts.unet) if grounding
+                    files = (
+                        [Path(dataset.records.images[i]).name for i in batch["index"]]
+                        if grounding is not None or segmentation is not None
+                        else []
+                    )
+                    if grounding is not None:  # attention is recorded for these samples only
+                        targets = grounding.targets(files, captions, t, tokenize_ids)
+                        rows = [b for b, target in enumerate(targets) if target]
+                    with (record_cross_attention(parts.unet, rows) if grounding
                           else contextlib.nullcontext()) as probs, \
                          (record_features(parts.unet) if segmentation is not None
                           else contextlib.nullcontext()) as features:  # fmt: skip
@@ -498,18 +506,12 @@ def train(cfg: TrainConfig) -> Path:
                             unet, x0, eps, t, context, alpha_bar, prediction_type, cfg.snr_gamma
                         )
                     total = loss
-                    files = (
-                        [Path(dataset.records.images[i]).name for i in batch["index"]]
-                        if grounding is not None or segmentation is not None
-                        else []
-                    )
                     if segmentation is not None:
                         seg = segmentation(features[-1], files, captions, t)
                         if seg is not None:
                             total = total + cfg.segmentation_weight * seg
                             seg_sum += seg.detach().cpu()
                     if grounding is not None:
-                        targets = grounding.targets(files, captions, t, tokenize_ids)
                         terms = grounding_terms(probs, targets)
                         if terms is not None:
                             total = total + cfg.grounding_weight * (terms[0] + terms[1])
