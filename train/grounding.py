@@ -33,7 +33,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.attention import Attention
@@ -180,11 +179,7 @@ def record_cross_attention(unet: nn.Module, rows: list[int] | None = None):
         if rows is not None:
             x, context = x[rows], context[rows]
         B, L, _ = x.shape
-        if module.fused:  # q and k only: v does not enter the attention weights
-            w_q, w_k, _ = module.qkv_weight.chunk(3)
-            q, k = F.linear(x, w_q), F.linear(context, w_k)
-        else:
-            q, k = module.to_q(x), module.to_k(context)
+        q, k, _ = module._project(x, context)
         q = q.view(B, L, module.heads, -1).transpose(1, 2).float()
         k = k.view(B, context.shape[1], module.heads, -1).transpose(1, 2).float()
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
